@@ -1,0 +1,162 @@
+//! `POST /api/v1/push` (alias `/api/v1/im/push`): an app server sends a message to users.
+//!
+//! Checked in this order, each with its own error code: body shape, app, timestamp window,
+//! signature, recipients, nonce (recorded last, once everything else is good, so nobody can
+//! burn an app's nonces without its secret).
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::ApiError;
+use crate::auth::nonce::NonceCheck;
+use crate::auth::signature::{self, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use crate::hub::Hub;
+use crate::protocol::{now_ms, valid_uid};
+
+/// The longest nonce accepted.
+pub(super) const MAX_NONCE_LEN: usize = 128;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SendTo {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct PushBody<'a> {
+    #[serde(borrow)]
+    app_key: Cow<'a, str>,
+    send_to: SendTo,
+    #[serde(borrow)]
+    message: &'a RawValue,
+    #[serde(borrow)]
+    nonce: Cow<'a, str>,
+    /// Optional sender user id shown to recipients; `""` (the app server) when absent.
+    #[serde(borrow, default)]
+    from: Option<Cow<'a, str>>,
+}
+
+#[derive(Serialize)]
+pub(super) struct RecipientResult {
+    uid: String,
+    /// `delivered` or `offline`.
+    status: &'static str,
+    /// Connections of this user the message was handed to.
+    connections: usize,
+}
+
+#[derive(Serialize)]
+pub(super) struct PushResponse {
+    msg_id: String,
+    send_at: u64,
+    /// Connections reached over all recipients.
+    delivered: usize,
+    results: Vec<RecipientResult>,
+}
+
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+pub(super) async fn push(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<PushResponse>, ApiError> {
+    let body = body?;
+    let req: PushBody<'_> =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("invalid_body", format!("push body: {e}")))?;
+
+    let app = hub
+        .app(&req.app_key)
+        .ok_or_else(|| ApiError::unauthorized("unknown_app", "app_key is not configured on this node"))?;
+
+    let window = hub.config().push.timestamp_window.as_secs();
+    let ts_text = header(&headers, TIMESTAMP_HEADER).ok_or_else(|| {
+        ApiError::unauthorized("timestamp_missing", format!("the {TIMESTAMP_HEADER} header is required"))
+    })?;
+    let ts: u64 = ts_text
+        .trim()
+        .parse()
+        .map_err(|_| ApiError::unauthorized("timestamp_invalid", format!("{TIMESTAMP_HEADER} must be Unix seconds")))?;
+    let now = now_ms() / 1000;
+    if ts.abs_diff(now) > window {
+        return Err(ApiError::unauthorized(
+            "timestamp_stale",
+            format!("{TIMESTAMP_HEADER} is more than {window}s away from the node's clock (push.timestamp_window)"),
+        ));
+    }
+
+    let sig = header(&headers, SIGNATURE_HEADER).ok_or_else(|| {
+        ApiError::unauthorized("signature_missing", format!("the {SIGNATURE_HEADER} header is required"))
+    })?;
+    if !signature::verify(app.secret(), ts_text, &req.nonce, &body, sig) {
+        return Err(ApiError::unauthorized(
+            "signature_invalid",
+            "signature does not match hex(HMAC-SHA256(secret, timestamp \\n nonce \\n body))",
+        ));
+    }
+
+    let mut recipients = match req.send_to {
+        SendTo::One(uid) => vec![uid],
+        SendTo::Many(uids) => uids,
+    };
+    let max = hub.config().push.max_recipients;
+    if recipients.is_empty() || recipients.len() > max {
+        return Err(ApiError::bad_request(
+            "invalid_recipient",
+            format!("send_to must name 1-{max} users (push.max_recipients)"),
+        ));
+    }
+    if let Some(bad) = recipients.iter().find(|u| !valid_uid(u)) {
+        return Err(ApiError::bad_request(
+            "invalid_recipient",
+            format!("send_to has {bad:?}; user ids are 1-128 bytes without control characters"),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    recipients.retain(|u| seen.insert(u.clone()));
+    let from = req.from.as_deref().unwrap_or("");
+    if !from.is_empty() && !valid_uid(from) {
+        return Err(ApiError::bad_request("invalid_sender", "from must be 1-128 bytes without control characters"));
+    }
+
+    if req.nonce.is_empty() || req.nonce.len() > MAX_NONCE_LEN {
+        return Err(ApiError::bad_request("invalid_nonce", format!("nonce must be 1-{MAX_NONCE_LEN} bytes")));
+    }
+    let check = app.nonces.lock().expect("nonce store lock").check_and_insert(&req.nonce, now, ts + window);
+    match check {
+        NonceCheck::Fresh => {}
+        NonceCheck::Replayed => {
+            return Err(ApiError::new(StatusCode::CONFLICT, "nonce_replayed", "this nonce was already used"));
+        }
+        NonceCheck::Full => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "nonce_store_full",
+                "too many pushes within push.timestamp_window for push.nonce_capacity; retry shortly",
+            ));
+        }
+    }
+
+    let (msg_id, send_at, results) = hub.push(app, from, &recipients, req.message).await;
+    let delivered = results.iter().map(|r| r.connections).sum();
+    let results = results
+        .into_iter()
+        .map(|r| RecipientResult {
+            status: if r.connections > 0 { "delivered" } else { "offline" },
+            uid: r.uid,
+            connections: r.connections,
+        })
+        .collect();
+    Ok(Json(PushResponse { msg_id, send_at, delivered, results }))
+}

@@ -1,0 +1,571 @@
+//! Configuration: the TOML schema, its defaults and its validation.
+//!
+//! Owns parsing `config.toml` into [`Config`] and checking it as a whole before anything
+//! binds a port. It does not read certificates or open files other than the config itself;
+//! that happens at start-up in `server`, with errors that name the key they came from.
+//!
+//! Every table is `deny_unknown_fields`: a typo is an error naming the key and line, never a
+//! silently ignored setting.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Everything a node needs to run. `Config::default()` is the embedded single-node default
+/// minus apps; the `config.toml` at the repository root adds the `demo` app.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Who this node is and which addresses it tells clients to use.
+    pub node: NodeConfig,
+    /// The sockets this node listens on.
+    pub listeners: Listeners,
+    /// Certificate and key for the WSS and HTTPS listeners.
+    pub tls: Option<TlsConfig>,
+    /// Protection of the node against clients and app servers that send too much.
+    pub limits: Limits,
+    /// Liveness of client connections.
+    pub heartbeat: Heartbeat,
+    /// The HTTP push API's replay protection and fan-out bounds.
+    pub push: PushConfig,
+    /// The route API's bounds.
+    pub route: RouteConfig,
+    /// How the node leaves: how long clients get, how their reconnections are spread.
+    pub shutdown: ShutdownConfig,
+    /// Applications, keyed by app id. Users of different apps never see each other.
+    pub apps: BTreeMap<String, AppConfig>,
+    /// The directory relative paths in this config are resolved against (the config file's
+    /// directory). Not a TOML key.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Stable node id. When absent, one is generated and kept in `data_dir/node-id` so a
+    /// restarted node keeps its identity.
+    pub id: Option<String>,
+    /// Where the node keeps the little state it has (its generated id).
+    pub data_dir: PathBuf,
+    /// Addresses given to clients on the public side (`/route?intranet=0`).
+    pub external: AdvertiseConfig,
+    /// Addresses given to callers inside the data centre (`/route?intranet=1`).
+    pub intranet: AdvertiseConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            data_dir: PathBuf::from("data"),
+            external: AdvertiseConfig::default(),
+            intranet: AdvertiseConfig::default(),
+        }
+    }
+}
+
+/// How one side (external or intranet) reaches this node. Each field is optional: the host
+/// defaults to the listener's bind address, or to the first non-loopback interface when the
+/// listener binds every interface; a listener override replaces the whole address (use it
+/// behind a load balancer: `wss_addr = "wss://im.example.com"`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdvertiseConfig {
+    /// Host name or IP address clients use to reach this node.
+    pub host: Option<String>,
+    /// Full `host:port` for TCP clients, replacing `host` + the TCP listener's port.
+    pub tcp_addr: Option<String>,
+    /// Full `ws://...` URL base, replacing `host` + the WS listener's port.
+    pub ws_addr: Option<String>,
+    /// Full `wss://...` URL base, replacing `host` + the WSS listener's port.
+    pub wss_addr: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listeners {
+    /// HTTP API: route, push, version, health.
+    pub http: Listener,
+    /// HTTP API over TLS, for pages served over HTTPS. On by default when `[tls]` is set.
+    pub https: TlsListener,
+    /// Length-prefixed JSON frames over plain TCP.
+    pub tcp: Listener,
+    /// WebSocket.
+    pub ws: Listener,
+    /// WebSocket over TLS. On by default when `[tls]` is set.
+    pub wss: TlsListener,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Self {
+            http: Listener::on(5001),
+            https: TlsListener::on(5443),
+            tcp: Listener::on(5100),
+            ws: Listener::on(5200),
+            wss: TlsListener::on(5300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// Whether the listener is started; a disabled listener advertises `""`.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Socket address to bind. Port 0 picks a free port (tests).
+    pub bind: SocketAddr,
+}
+
+impl Listener {
+    fn on(port: u16) -> Self {
+        Self { enabled: true, bind: SocketAddr::from(([0, 0, 0, 0], port)) }
+    }
+}
+
+/// A listener that needs `[tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListener {
+    /// `true`/`false` to force; absent means "on when `[tls]` is configured".
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Socket address to bind.
+    pub bind: SocketAddr,
+}
+
+impl TlsListener {
+    fn on(port: u16) -> Self {
+        Self { enabled: None, bind: SocketAddr::from(([0, 0, 0, 0], port)) }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest frame a client may send, in bytes (JSON text).
+    pub max_frame_bytes: usize,
+    /// Connections this node accepts before refusing new ones.
+    pub max_connections: usize,
+    /// Connections one user may hold at once (devices, tabs).
+    pub max_connections_per_user: usize,
+    /// Time a client has to complete the WebSocket handshake or send its TCP `connect` frame.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Frames waiting to be written to one connection; when full the client is too slow and
+    /// is disconnected rather than allowed to hold memory or stall senders.
+    pub outbound_queue: usize,
+    /// A single flush to a client may take this long before the client counts as stuck.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Sustained messages per second one connection may send.
+    pub messages_per_second: u32,
+    /// Messages a connection may send in a burst above the sustained rate.
+    pub message_burst: u32,
+    /// Largest HTTP request body the API reads, in bytes.
+    pub max_http_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 64 * 1024,
+            max_connections: 100_000,
+            max_connections_per_user: 16,
+            connect_timeout: Duration::from_secs(10),
+            outbound_queue: 1024,
+            write_timeout: Duration::from_secs(10),
+            messages_per_second: 100,
+            message_burst: 200,
+            max_http_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Heartbeat {
+    /// How often the server pings each connection.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A connection that sends nothing (not even a pong) for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self { ping_interval: Duration::from_secs(25), idle_timeout: Duration::from_secs(60) }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushConfig {
+    /// How far a push request's timestamp may be from the node's clock; older or newer
+    /// requests are refused, which bounds how long nonces must be remembered.
+    #[serde(with = "humantime_serde")]
+    pub timestamp_window: Duration,
+    /// Nonces remembered per app; a push arriving when this many unexpired nonces are held is
+    /// refused (503) rather than forgetting one that could then be replayed.
+    pub nonce_capacity: usize,
+    /// Recipients one push request may name.
+    pub max_recipients: usize,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self { timestamp_window: Duration::from_secs(300), nonce_capacity: 100_000, max_recipients: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteConfig {
+    /// User ids one `/route/batch` request may carry.
+    pub batch_max_uids: usize,
+}
+
+impl Default for RouteConfig {
+    fn default() -> Self {
+        Self { batch_max_uids: 10_000 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// After SIGTERM/SIGINT, how long connections get to receive their `reconnect` frame and
+    /// close before the process exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// Each client is told to wait a random delay below this before reconnecting, so a
+    /// node going away does not send every client to the others at the same instant.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_jitter: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { grace: Duration::from_secs(10), reconnect_jitter: Duration::from_secs(5) }
+    }
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    /// Shared secret: signs client JWTs (HS256) and push requests (HMAC-SHA256).
+    pub secret: String,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub token_leeway: Duration,
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+
+// The secret must never reach a log line through `{:?}`.
+impl fmt::Debug for AppConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppConfig").field("secret", &"<redacted>").field("token_leeway", &self.token_leeway).finish()
+    }
+}
+
+/// One thing wrong with a config, tied to the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("{} problem(s) in config:\n{}", .0.len(), .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+impl FromStr for Config {
+    type Err = ConfigError;
+
+    /// Parses and validates; relative paths resolve against the current directory.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let config: Config = toml::from_str(s)?;
+        config.validate().map_err(ConfigError::Invalid)?;
+        Ok(config)
+    }
+}
+
+/// The longest app id; ids appear in URLs, metrics labels and NATS subjects.
+pub const MAX_APP_ID_LEN: usize = 64;
+
+impl Config {
+    /// Reads, parses and validates the file; relative paths in it resolve against its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let mut config: Config = toml::from_str(&text)?;
+        config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        config.validate().map_err(ConfigError::Invalid)?;
+        Ok(config)
+    }
+
+    /// A path from the config, made absolute against the config file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() || self.base_dir.as_os_str().is_empty() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    /// Whether the WSS listener runs.
+    pub fn wss_enabled(&self) -> bool {
+        self.listeners.wss.enabled.unwrap_or(self.tls.is_some())
+    }
+
+    /// Whether the HTTPS listener runs.
+    pub fn https_enabled(&self) -> bool {
+        self.listeners.https.enabled.unwrap_or(self.tls.is_some())
+    }
+
+    /// Checks the config as a whole and returns every problem found, not just the first.
+    pub fn validate(&self) -> Result<(), Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, message: String| {
+            problems.push(Problem { key: key.to_string(), message });
+        };
+
+        if self.apps.is_empty() {
+            problem("apps", "at least one app is required, e.g. [apps.demo] secret = \"...\"".into());
+        }
+        for (id, app) in &self.apps {
+            let key = format!("apps.{id}");
+            if id.is_empty()
+                || id.len() > MAX_APP_ID_LEN
+                || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                problem(&key, format!("app id must be 1-{MAX_APP_ID_LEN} characters of A-Z a-z 0-9 _ -"));
+            }
+            if app.secret.len() < 16 {
+                problem(&format!("{key}.secret"), "must be at least 16 bytes (32 or more recommended)".into());
+            }
+            if app.token_leeway > Duration::from_secs(300) {
+                problem(&format!("{key}.token_leeway"), "must be at most 5m".into());
+            }
+        }
+
+        if let Some(id) = &self.node.id
+            && !valid_node_id(id)
+        {
+            problem("node.id", "must be 1-64 characters of A-Z a-z 0-9 _ -".into());
+        }
+
+        for (name, side) in [("node.external", &self.node.external), ("node.intranet", &self.node.intranet)] {
+            if let Some(host) = &side.host
+                && (host.is_empty() || host.contains(['/', ' ']))
+            {
+                problem(&format!("{name}.host"), format!("{host:?} is not a host name or IP address"));
+            }
+            if let Some(addr) = &side.tcp_addr
+                && (addr.contains("://") || !addr.contains(':'))
+            {
+                problem(&format!("{name}.tcp_addr"), format!("{addr:?} must be host:port, without a scheme"));
+            }
+            if let Some(addr) = &side.ws_addr
+                && !addr.starts_with("ws://")
+            {
+                problem(&format!("{name}.ws_addr"), format!("{addr:?} must start with ws://"));
+            }
+            if let Some(addr) = &side.wss_addr
+                && !addr.starts_with("wss://")
+            {
+                problem(&format!("{name}.wss_addr"), format!("{addr:?} must start with wss://"));
+            }
+        }
+
+        if self.tls.is_none() {
+            if self.listeners.wss.enabled == Some(true) {
+                problem("listeners.wss.enabled", "the WSS listener needs [tls] cert and key".into());
+            }
+            if self.listeners.https.enabled == Some(true) {
+                problem("listeners.https.enabled", "the HTTPS listener needs [tls] cert and key".into());
+            }
+        }
+        if let Some(tls) = &self.tls {
+            for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                let full = self.resolve(path);
+                if !full.is_file() {
+                    problem(key, format!("file not found: {}", full.display()));
+                }
+            }
+        }
+
+        let enabled: Vec<(&str, SocketAddr)> = [
+            ("listeners.http", self.listeners.http.enabled, self.listeners.http.bind),
+            ("listeners.https", self.https_enabled(), self.listeners.https.bind),
+            ("listeners.tcp", self.listeners.tcp.enabled, self.listeners.tcp.bind),
+            ("listeners.ws", self.listeners.ws.enabled, self.listeners.ws.bind),
+            ("listeners.wss", self.wss_enabled(), self.listeners.wss.bind),
+        ]
+        .into_iter()
+        .filter(|(_, on, _)| *on)
+        .map(|(name, _, bind)| (name, bind))
+        .collect();
+        for (i, (name, bind)) in enabled.iter().enumerate() {
+            if bind.port() != 0
+                && let Some((other, _)) = enabled[..i].iter().find(|(_, b)| b == bind)
+            {
+                problem(&format!("{name}.bind"), format!("{bind} is already used by {other}"));
+            }
+        }
+        if !self.listeners.ws.enabled && !self.wss_enabled() && !self.listeners.tcp.enabled {
+            problem("listeners", "no client listener is enabled (tcp, ws or wss)".into());
+        }
+
+        let l = &self.limits;
+        if !(64..=16 * 1024 * 1024).contains(&l.max_frame_bytes) {
+            problem("limits.max_frame_bytes", "must be between 64 and 16777216".into());
+        }
+        if l.max_connections == 0 {
+            problem("limits.max_connections", "must be at least 1".into());
+        }
+        if l.max_connections_per_user == 0 {
+            problem("limits.max_connections_per_user", "must be at least 1".into());
+        }
+        if l.connect_timeout.is_zero() {
+            problem("limits.connect_timeout", "must be more than 0s".into());
+        }
+        if l.outbound_queue == 0 {
+            problem("limits.outbound_queue", "must be at least 1".into());
+        }
+        if l.write_timeout.is_zero() {
+            problem("limits.write_timeout", "must be more than 0s".into());
+        }
+        if l.messages_per_second == 0 {
+            problem("limits.messages_per_second", "must be at least 1".into());
+        }
+        if l.message_burst == 0 {
+            problem("limits.message_burst", "must be at least 1".into());
+        }
+        if l.max_http_body_bytes < 1024 {
+            problem("limits.max_http_body_bytes", "must be at least 1024".into());
+        }
+
+        let h = &self.heartbeat;
+        if h.ping_interval.is_zero() {
+            problem("heartbeat.ping_interval", "must be more than 0s".into());
+        }
+        if h.idle_timeout <= h.ping_interval {
+            problem("heartbeat.idle_timeout", "must be longer than heartbeat.ping_interval".into());
+        }
+
+        if self.push.timestamp_window < Duration::from_secs(1) {
+            problem("push.timestamp_window", "must be at least 1s".into());
+        }
+        if self.push.nonce_capacity == 0 {
+            problem("push.nonce_capacity", "must be at least 1".into());
+        }
+        if self.push.max_recipients == 0 {
+            problem("push.max_recipients", "must be at least 1".into());
+        }
+        if self.route.batch_max_uids == 0 {
+            problem("route.batch_max_uids", "must be at least 1".into());
+        }
+
+        if problems.is_empty() { Ok(()) } else { Err(problems) }
+    }
+}
+
+/// Node ids appear in subjects and metrics; keep them to a safe alphabet.
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[apps.demo]\nsecret = \"0123456789abcdef\"\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c: Config = MIN.parse().unwrap();
+        assert_eq!(c.listeners.http.bind.port(), 5001);
+        assert_eq!(c.listeners.tcp.bind.port(), 5100);
+        assert_eq!(c.listeners.ws.bind.port(), 5200);
+        assert_eq!(c.listeners.wss.bind.port(), 5300);
+        assert!(!c.wss_enabled(), "WSS is off without [tls]");
+        assert_eq!(c.apps["demo"].token_leeway, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = format!("{MIN}[limits]\nmax_frame_byte = 10\n").parse::<Config>().unwrap_err().to_string();
+        assert!(err.contains("max_frame_byte"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = "[apps.demo]\nsecret = \"short\"\n[apps.\"bad id\"]\nsecret = \"0123456789abcdef\"\n\
+                    [limits]\noutbound_queue = 0\n[listeners.wss]\nenabled = true\nbind = \"0.0.0.0:5300\"\n";
+        let Err(ConfigError::Invalid(problems)) = text.parse::<Config>() else { panic!("expected problems") };
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["apps.bad id", "apps.demo.secret", "listeners.wss.enabled", "limits.outbound_queue"],
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn duplicate_bind_is_a_problem() {
+        let text = format!("{MIN}[listeners.ws]\nbind = \"0.0.0.0:5100\"\n");
+        let Err(ConfigError::Invalid(problems)) = text.parse::<Config>() else { panic!() };
+        assert_eq!(problems[0].key, "listeners.ws.bind");
+        assert!(problems[0].message.contains("listeners.tcp"));
+    }
+
+    #[test]
+    fn durations_are_human() {
+        let c: Config = format!("{MIN}[heartbeat]\nping_interval = \"5s\"\nidle_timeout = \"1m\"\n").parse().unwrap();
+        assert_eq!(c.heartbeat.idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn secret_is_not_debug_printed() {
+        let c: Config = MIN.parse().unwrap();
+        assert!(!format!("{c:?}").contains("0123456789abcdef"));
+    }
+}

@@ -1,0 +1,255 @@
+//! Frames and their JSON encoding.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::{ErrorCode, MAX_CLIENT_ID_LEN, valid_uid};
+
+/// A frame received from a client, borrowing from the received bytes.
+#[derive(Debug)]
+pub enum ClientFrame<'a> {
+    Connect(ConnectFrame<'a>),
+    Send(SendFrame<'a>),
+    Ping,
+    Pong,
+}
+
+#[derive(Debug)]
+pub struct ConnectFrame<'a> {
+    pub app_id: Cow<'a, str>,
+    pub token: Cow<'a, str>,
+}
+
+#[derive(Debug)]
+pub struct SendFrame<'a> {
+    pub to: Cow<'a, str>,
+    /// The message body exactly as the client wrote it.
+    pub data: &'a RawValue,
+    pub client_id: Option<Cow<'a, str>>,
+}
+
+/// Why a frame was refused, with the `client_id` to echo when the frame had a readable one.
+#[derive(Debug)]
+pub struct DecodeError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub client_id: Option<String>,
+}
+
+/// Every field any client frame may carry. Unknown fields are ignored so that clients can
+/// add their own without breaking older nodes.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(rename = "type", borrow, default)]
+    ty: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    to: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    client_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    app_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
+}
+
+/// Decodes one client frame.
+pub fn decode_client_frame(bytes: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
+    let wire: Wire<'_> = serde_json::from_slice(bytes).map_err(|e| {
+        let code = if e.is_data() { ErrorCode::InvalidFrame } else { ErrorCode::InvalidJson };
+        let what = if e.is_data() { "frame has the wrong shape" } else { "frame is not valid JSON" };
+        DecodeError { code, message: format!("{what}: {e}"), client_id: None }
+    })?;
+    let fail = |code, message: &str, client_id: &Option<Cow<'_, str>>| DecodeError {
+        code,
+        message: message.to_string(),
+        client_id: client_id.as_deref().map(str::to_string),
+    };
+    if let Some(id) = &wire.client_id
+        && id.len() > MAX_CLIENT_ID_LEN
+    {
+        return Err(fail(ErrorCode::InvalidFrame, "client_id is longer than 64 bytes", &None));
+    }
+    let ty = match wire.ty.as_deref() {
+        Some(ty) => ty,
+        None if wire.to.is_some() => "send",
+        None => return Err(fail(ErrorCode::InvalidFrame, "frame has no \"type\"", &wire.client_id)),
+    };
+    match ty {
+        "send" => {
+            let Some(to) = wire.to else {
+                return Err(fail(ErrorCode::InvalidFrame, "send frame needs \"to\"", &wire.client_id));
+            };
+            if !valid_uid(&to) {
+                return Err(fail(
+                    ErrorCode::InvalidRecipient,
+                    "\"to\" must be 1-128 bytes without control characters",
+                    &wire.client_id,
+                ));
+            }
+            let Some(data) = wire.data else {
+                return Err(fail(ErrorCode::InvalidFrame, "send frame needs \"data\"", &wire.client_id));
+            };
+            Ok(ClientFrame::Send(SendFrame { to, data, client_id: wire.client_id }))
+        }
+        "connect" => match (wire.app_id, wire.token) {
+            (Some(app_id), Some(token)) => Ok(ClientFrame::Connect(ConnectFrame { app_id, token })),
+            (None, _) => Err(fail(ErrorCode::UnknownApp, "connect frame needs \"app_id\"", &wire.client_id)),
+            (_, None) => Err(fail(ErrorCode::TokenMissing, "connect frame needs \"token\"", &wire.client_id)),
+        },
+        "ping" => Ok(ClientFrame::Ping),
+        "pong" => Ok(ClientFrame::Pong),
+        other => {
+            let mut shown: String = other.chars().take(32).collect();
+            if shown.len() < other.len() {
+                shown.push('…');
+            }
+            Err(fail(ErrorCode::UnknownType, &format!("unknown frame type {shown:?}"), &wire.client_id))
+        }
+    }
+}
+
+/// A frame the server sends, other than `message` (see [`Envelope`]).
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    Connected {
+        uid: &'a str,
+        conn_id: &'a str,
+        node_id: &'a str,
+        ping_interval_ms: u64,
+        idle_timeout_ms: u64,
+    },
+    Ack {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_id: Option<&'a str>,
+        msg_id: &'a str,
+        status: &'static str,
+        delivered: usize,
+    },
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        fatal: bool,
+    },
+    Ping,
+    Pong,
+    Reconnect {
+        reason: &'a str,
+        tcp_addr: &'a str,
+        ws_addr: &'a str,
+        wss_addr: &'a str,
+        delay_ms: u64,
+    },
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl ServerFrame<'_> {
+    pub fn encode(&self) -> Bytes {
+        // Serialising these plain structs into a Vec cannot fail.
+        Bytes::from(serde_json::to_vec(self).expect("server frame serialises"))
+    }
+}
+
+/// A message as it is delivered: the `message` frame's fields.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Envelope<'a> {
+    pub from: &'a str,
+    pub to: &'a str,
+    pub event: u16,
+    pub data: &'a RawValue,
+    pub msg_id: &'a str,
+    pub send_at: u64,
+    pub conversation_id: &'a str,
+}
+
+/// Encodes the `message` frame once; the bytes are shared by every connection it goes to.
+pub fn encode_message(envelope: &Envelope<'_>) -> Bytes {
+    #[derive(Serialize)]
+    struct Tagged<'a> {
+        #[serde(rename = "type")]
+        ty: &'static str,
+        #[serde(flatten)]
+        envelope: &'a Envelope<'a>,
+    }
+    let mut out = Vec::with_capacity(160 + envelope.data.get().len());
+    serde_json::to_writer(&mut out, &Tagged { ty: "message", envelope }).expect("message serialises");
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_without_type_is_send() {
+        let f = decode_client_frame(br#"{"to":"bob","data":{"text":"hi"}}"#).unwrap();
+        let ClientFrame::Send(s) = f else { panic!() };
+        assert_eq!(s.to, "bob");
+        assert_eq!(s.data.get(), r#"{"text":"hi"}"#);
+    }
+
+    #[test]
+    fn escaped_strings_decode() {
+        let f = decode_client_frame(br#"{"type":"send","to":"b\u00f6b","data":1,"client_id":"a\"b"}"#).unwrap();
+        let ClientFrame::Send(s) = f else { panic!() };
+        assert_eq!(s.to, "böb");
+        assert_eq!(s.client_id.as_deref(), Some("a\"b"));
+    }
+
+    #[test]
+    fn errors_have_codes() {
+        let code = |b: &[u8]| decode_client_frame(b).unwrap_err().code;
+        assert_eq!(code(b"{nope"), ErrorCode::InvalidJson);
+        assert_eq!(code(b""), ErrorCode::InvalidJson);
+        assert_eq!(code(br#"{"to":5,"data":1}"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(br#"[1,2]"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(br#"{"type":"send","to":"bob"}"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(br#"{"type":"send","to":"","data":1}"#), ErrorCode::InvalidRecipient);
+        assert_eq!(code(br#"{"type":"dance"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(br#"{"data":1}"#), ErrorCode::InvalidFrame);
+    }
+
+    #[test]
+    fn client_id_is_echoed_on_error() {
+        let e = decode_client_frame(br#"{"type":"send","to":"","data":1,"client_id":"c9"}"#).unwrap_err();
+        assert_eq!(e.client_id.as_deref(), Some("c9"));
+    }
+
+    #[test]
+    fn message_frame_passes_data_through() {
+        let data = RawValue::from_string(r#"{"z":1,  "a":[true]}"#.into()).unwrap();
+        let bytes = encode_message(&Envelope {
+            from: "alice",
+            to: "bob",
+            event: 1,
+            data: &data,
+            msg_id: "m1",
+            send_at: 7,
+            conversation_id: "d:x",
+        });
+        assert_eq!(
+            std::str::from_utf8(&bytes).unwrap(),
+            r#"{"type":"message","from":"alice","to":"bob","event":1,"data":{"z":1,  "a":[true]},"msg_id":"m1","send_at":7,"conversation_id":"d:x"}"#
+        );
+    }
+
+    #[test]
+    fn error_frame_shape() {
+        let f =
+            ServerFrame::Error { code: ErrorCode::RateLimited, message: "slow down", client_id: None, fatal: false };
+        assert_eq!(&f.encode()[..], br#"{"type":"error","code":"rate_limited","message":"slow down"}"#);
+    }
+}

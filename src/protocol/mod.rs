@@ -1,0 +1,27 @@
+//! The client protocol: frame types, their JSON encoding and the stable error codes.
+//!
+//! No I/O lives here. Decoding borrows from the received bytes and keeps a message's `data`
+//! as raw JSON text, so a message crosses the node without being parsed into a tree and
+//! written back out. docs/protocol.md is the human version of this module.
+
+mod code;
+mod frame;
+mod ids;
+
+pub use code::ErrorCode;
+pub use frame::{ClientFrame, ConnectFrame, Envelope, SendFrame, ServerFrame, decode_client_frame, encode_message};
+pub use ids::{MsgIdGen, conversation_id, now_ms};
+
+/// The longest user id, in bytes.
+pub const MAX_UID_LEN: usize = 128;
+
+/// The longest `client_id` a client may attach to a frame.
+pub const MAX_CLIENT_ID_LEN: usize = 64;
+
+/// Event number of a direct message between two users.
+pub const EVENT_DIRECT: u16 = 1;
+
+/// Whether `uid` is a user id: 1..=128 bytes, no control characters.
+pub fn valid_uid(uid: &str) -> bool {
+    !uid.is_empty() && uid.len() <= MAX_UID_LEN && !uid.chars().any(char::is_control)
+}

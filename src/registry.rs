@@ -1,0 +1,186 @@
+//! The local index of live sessions: user id -> the sessions (devices) that user holds on
+//! this node, for one app.
+//!
+//! Owns registration, delivery of an already-encoded frame to every session of a user, and
+//! disconnecting sessions that cannot keep up. It does not encode frames, decide who may
+//! send to whom, or know about other nodes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use tokio::sync::{Notify, mpsc};
+
+use crate::protocol::ErrorCode;
+
+/// Out-of-band control of one session: anyone holding a handle can ask it to close with a
+/// reason, even when its outbound queue is full.
+#[derive(Debug, Default)]
+pub struct SessionControl {
+    /// 0 = not kicked; otherwise an index into [`KICK_REASONS`] plus one.
+    reason: AtomicU8,
+    notify: Notify,
+}
+
+const KICK_REASONS: [ErrorCode; 3] = [ErrorCode::SlowConsumer, ErrorCode::ServerShutdown, ErrorCode::Internal];
+
+impl SessionControl {
+    /// Asks the session to close. The first reason wins.
+    pub fn kick(&self, reason: ErrorCode) {
+        let idx = KICK_REASONS.iter().position(|r| *r == reason).unwrap_or(2) as u8 + 1;
+        if self.reason.compare_exchange(0, idx, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            // notify_one stores a permit when the session is not waiting right now.
+            self.notify.notify_one();
+        }
+    }
+
+    /// Resolves once [`kick`](Self::kick) has been called; returns the reason.
+    pub async fn kicked(&self) -> ErrorCode {
+        loop {
+            if let Some(reason) = self.reason() {
+                return reason;
+            }
+            self.notify.notified().await;
+        }
+    }
+
+    pub fn reason(&self) -> Option<ErrorCode> {
+        match self.reason.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(KICK_REASONS[(n - 1) as usize]),
+        }
+    }
+}
+
+/// What the registry keeps for each session.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub conn_id: u64,
+    pub tx: mpsc::Sender<Bytes>,
+    pub control: Arc<SessionControl>,
+}
+
+/// Result of offering a frame to a user's sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delivered {
+    /// Sessions that accepted the frame into their queue.
+    pub sessions: usize,
+    /// Sessions whose queue was full: they were disconnected as slow consumers.
+    pub dropped: usize,
+}
+
+/// The sessions of one app on this node.
+#[derive(Debug, Default)]
+pub struct Registry {
+    users: DashMap<Box<str>, Vec<SessionHandle>>,
+    sessions: AtomicUsize,
+}
+
+impl Registry {
+    /// Adds a session for `uid`, unless the user already holds `max_per_user` sessions.
+    pub fn register(&self, uid: &str, handle: SessionHandle, max_per_user: usize) -> Result<(), ErrorCode> {
+        let mut entry = self.users.entry(uid.into()).or_default();
+        if entry.len() >= max_per_user {
+            return Err(ErrorCode::TooManyDevices);
+        }
+        entry.push(handle);
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn unregister(&self, uid: &str, conn_id: u64) {
+        let removed = self.users.remove_if_mut(uid, |_, sessions| {
+            if let Some(i) = sessions.iter().position(|s| s.conn_id == conn_id) {
+                sessions.swap_remove(i);
+                self.sessions.fetch_sub(1, Ordering::Relaxed);
+            }
+            sessions.is_empty()
+        });
+        drop(removed);
+    }
+
+    /// Offers `frame` to every session of `uid` without waiting: a session whose queue is
+    /// full is kicked as a slow consumer, so one stuck reader never delays anyone else.
+    pub fn deliver(&self, uid: &str, frame: &Bytes) -> Delivered {
+        let mut out = Delivered::default();
+        let Some(sessions) = self.users.get(uid) else { return out };
+        for s in sessions.iter() {
+            match s.tx.try_send(frame.clone()) {
+                Ok(()) => out.sessions += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    s.control.kick(ErrorCode::SlowConsumer);
+                    out.dropped += 1;
+                }
+                // The session is on its way out and will unregister itself.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        out
+    }
+
+    /// Sessions of `uid` on this node.
+    pub fn sessions_of(&self, uid: &str) -> usize {
+        self.users.get(uid).map_or(0, |s| s.len())
+    }
+
+    /// Sessions of this app on this node.
+    pub fn len(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Users with at least one session here.
+    pub fn users(&self) -> usize {
+        self.users.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(id: u64, cap: usize) -> (SessionHandle, mpsc::Receiver<Bytes>) {
+        let (tx, rx) = mpsc::channel(cap);
+        (SessionHandle { conn_id: id, tx, control: Arc::default() }, rx)
+    }
+
+    #[test]
+    fn every_device_receives_and_full_queue_is_kicked() {
+        let r = Registry::default();
+        let (a, mut ra) = handle(1, 4);
+        let (b, _rb) = handle(2, 1);
+        let b_control = b.control.clone();
+        r.register("u", a, 4).unwrap();
+        r.register("u", b, 4).unwrap();
+        let frame = Bytes::from_static(b"x");
+        assert_eq!(r.deliver("u", &frame), Delivered { sessions: 2, dropped: 0 });
+        assert_eq!(r.deliver("u", &frame), Delivered { sessions: 1, dropped: 1 });
+        assert_eq!(b_control.reason(), Some(ErrorCode::SlowConsumer));
+        assert_eq!(ra.try_recv().unwrap(), frame);
+        assert_eq!(r.deliver("nobody", &frame), Delivered::default());
+    }
+
+    #[test]
+    fn per_user_limit_and_unregister() {
+        let r = Registry::default();
+        r.register("u", handle(1, 1).0, 2).unwrap();
+        r.register("u", handle(2, 1).0, 2).unwrap();
+        assert_eq!(r.register("u", handle(3, 1).0, 2), Err(ErrorCode::TooManyDevices));
+        assert_eq!(r.len(), 2);
+        r.unregister("u", 1);
+        r.unregister("u", 2);
+        assert_eq!((r.len(), r.users()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn kick_before_wait_is_not_lost() {
+        let c = SessionControl::default();
+        c.kick(ErrorCode::ServerShutdown);
+        c.kick(ErrorCode::SlowConsumer);
+        assert_eq!(c.kicked().await, ErrorCode::ServerShutdown);
+    }
+}

@@ -1,0 +1,167 @@
+//! Start-up and shutdown: bind every enabled listener, build the hub, run the accept loops
+//! and the HTTP API, and leave gracefully.
+//!
+//! Binding is separate from running so that callers (tests, the CLI) learn the actual
+//! addresses, including ports picked by the OS, before any client connects.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::cluster::{self, Bound, NodeIdError, NodeInfo};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::transport::{tcp, tls, ws};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Bind { key: &'static str, addr: SocketAddr, source: io::Error },
+    #[error(transparent)]
+    NodeId(#[from] NodeIdError),
+}
+
+/// The actual address of each enabled listener.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LocalAddrs {
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+    pub tcp: Option<SocketAddr>,
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
+}
+
+/// A node whose sockets are bound, ready to [`run`](Server::run).
+pub struct Server {
+    hub: Arc<Hub>,
+    addrs: LocalAddrs,
+    http: Option<TcpListener>,
+    https: Option<TcpListener>,
+    tcp: Option<TcpListener>,
+    ws: Option<TcpListener>,
+    wss: Option<TcpListener>,
+    tls: Option<TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("addrs", &self.addrs).field("tls", &self.tls.is_some()).finish_non_exhaustive()
+    }
+}
+
+async fn bind(key: &'static str, enabled: bool, addr: SocketAddr) -> Result<Option<TcpListener>, StartError> {
+    if !enabled {
+        return Ok(None);
+    }
+    TcpListener::bind(addr).await.map(Some).map_err(|source| StartError::Bind { key, addr, source })
+}
+
+fn local(l: &Option<TcpListener>) -> Option<SocketAddr> {
+    l.as_ref().and_then(|l| l.local_addr().ok())
+}
+
+impl Server {
+    /// Loads TLS material, binds every enabled listener and works out the node's identity and
+    /// advertised addresses. Nothing is accepted until [`run`](Self::run).
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        let tls = match &config.tls {
+            Some(t) => Some(TlsAcceptor::from(tls::load(&config.resolve(&t.cert), &config.resolve(&t.key))?)),
+            None => None,
+        };
+        let l = &config.listeners;
+        let http = bind("listeners.http.bind", l.http.enabled, l.http.bind).await?;
+        let https = bind("listeners.https.bind", config.https_enabled(), l.https.bind).await?;
+        let tcp = bind("listeners.tcp.bind", l.tcp.enabled, l.tcp.bind).await?;
+        let ws = bind("listeners.ws.bind", l.ws.enabled, l.ws.bind).await?;
+        let wss = bind("listeners.wss.bind", config.wss_enabled(), l.wss.bind).await?;
+        let addrs =
+            LocalAddrs { http: local(&http), https: local(&https), tcp: local(&tcp), ws: local(&ws), wss: local(&wss) };
+
+        let id = cluster::node_id(&config)?;
+        let (external, intranet, warnings) =
+            cluster::advertise(&config, &Bound { tcp: addrs.tcp, ws: addrs.ws, wss: addrs.wss });
+        let node = NodeInfo { id, external, intranet, warnings };
+        let hub = Hub::new(config, node);
+        Ok(Self { hub, addrs, http, https, tcp, ws, wss, tls })
+    }
+
+    pub fn local_addrs(&self) -> LocalAddrs {
+        self.addrs
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, tells every client to
+    /// reconnect elsewhere, and waits up to `shutdown.grace` for connections to finish.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+        let Server { hub, addrs, http, https, tcp, ws, wss, tls } = self;
+        let node = hub.node();
+        info!(node_id = %node.id, http = ?addrs.http, https = ?addrs.https, tcp = ?addrs.tcp, ws = ?addrs.ws, wss = ?addrs.wss, "switchboard listening");
+        info!(tcp_addr = %node.external.tcp_addr, ws_addr = %node.external.ws_addr, wss_addr = %node.external.wss_addr, "advertising to clients");
+        for w in &node.warnings {
+            warn!("{w}");
+        }
+
+        let tracker = TaskTracker::new();
+        let stop = hub.shutdown_token().clone();
+        let router = crate::api::router(hub.clone());
+        if let Some(listener) = http {
+            let serve = axum::serve(listener, router.clone()).with_graceful_shutdown(stop.clone().cancelled_owned());
+            tracker.spawn(async move {
+                if let Err(e) = serve.await {
+                    warn!(error = %e, "HTTP API stopped");
+                }
+            });
+        }
+        if let (Some(listener), Some(acceptor)) = (https, tls.clone()) {
+            let listener = tls::HttpsListener::new(listener, acceptor, &hub, tracker.clone()).map_err(|source| {
+                StartError::Bind {
+                    key: "listeners.https.bind",
+                    addr: addrs.https.unwrap_or(([0, 0, 0, 0], 0).into()),
+                    source,
+                }
+            })?;
+            let serve = axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned());
+            tracker.spawn(async move {
+                if let Err(e) = serve.await {
+                    warn!(error = %e, "HTTPS API stopped");
+                }
+            });
+        }
+        if let Some(listener) = tcp {
+            tracker.spawn(tcp::accept_loop(listener, hub.clone(), tracker.clone()));
+        }
+        if let Some(listener) = ws {
+            tracker.spawn(ws::accept_loop(listener, hub.clone(), tracker.clone()));
+        }
+        if let (Some(listener), Some(acceptor)) = (wss, tls) {
+            tracker.spawn(tls::accept_loop_wss(listener, acceptor, hub.clone(), tracker.clone()));
+        }
+
+        shutdown.await;
+        let grace = hub.config().shutdown.grace;
+        info!(connections = hub.connections(), ?grace, "shutting down: telling clients to reconnect");
+        stop.cancel();
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!(remaining = hub.connections(), "grace period over; closing the rest");
+        }
+        info!("stopped");
+        Ok(())
+    }
+}
+
+/// Binds and serves `config` until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    Server::bind(config).await?.run(shutdown).await
+}

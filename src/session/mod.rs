@@ -1,0 +1,347 @@
+//! One task per client connection: authentication, the read/write loop, heartbeat,
+//! per-connection rate limit and backpressure.
+//!
+//! Owns everything that happens between "a transport produced a connection" and "the
+//! connection is gone". It is generic over [`FrameIo`], so TCP, WS and WSS sessions are the
+//! same code. It does not parse transports' framing or decide where messages go (the hub
+//! does).
+
+mod rate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng as _;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until, timeout};
+use tracing::{Instrument, debug, info_span};
+
+use crate::hub::{App, ConnGuard, Hub};
+use crate::protocol::{ClientFrame, ErrorCode, ServerFrame, decode_client_frame};
+use crate::registry::{SessionControl, SessionHandle};
+use crate::transport::{FrameIo, Inbound, Outbound, ReadError, Transport};
+
+use rate::TokenBucket;
+
+/// How long a closing connection gets to take its last frames and say goodbye.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Queued frames written between two flushes.
+const MAX_BATCH: usize = 64;
+
+/// What a client presented when connecting; the input to authentication.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    pub app_id: Option<String>,
+    pub token: Option<String>,
+    pub transport: Transport,
+    pub remote: SocketAddr,
+    /// Other query parameters of a WebSocket upgrade (never the token).
+    pub params: Vec<(String, String)>,
+}
+
+impl ConnectRequest {
+    /// Reads `app_id`, `token` and any other parameters from an upgrade's query string.
+    pub fn from_query(query: &str, transport: Transport, remote: SocketAddr) -> Self {
+        let mut request = Self { app_id: None, token: None, transport, remote, params: Vec::new() };
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            match &*k {
+                "app_id" => request.app_id = Some(v.into_owned()),
+                "token" => request.token = Some(v.into_owned()),
+                _ => request.params.push((k.into_owned(), v.into_owned())),
+            }
+        }
+        request
+    }
+}
+
+fn describe(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::UnknownApp => "app_id is missing or not configured on this node",
+        ErrorCode::TokenMissing => "no token was given",
+        ErrorCode::TokenMalformed => "the token is not a well-formed JWT",
+        ErrorCode::TokenAlgorithm => "the token's algorithm is not HS256",
+        ErrorCode::TokenSignature => "the token's signature does not match the app's secret",
+        ErrorCode::TokenExpired => "the token has expired",
+        ErrorCode::TokenNotYetValid => "the token is not valid yet (nbf)",
+        ErrorCode::TokenClaims => "the token needs exp and a sub of 1-128 bytes without control characters",
+        ErrorCode::TooManyDevices => "this user already holds limits.max_connections_per_user connections",
+        ErrorCode::SlowConsumer => "the connection did not keep up with its messages",
+        ErrorCode::IdleTimeout => "nothing was received within heartbeat.idle_timeout",
+        ErrorCode::ServerShutdown => "the node is shutting down",
+        _ => "connection closed",
+    }
+}
+
+/// Tells a client why it is being disconnected, then closes, all within [`CLOSE_TIMEOUT`].
+pub async fn reject<T: FrameIo>(mut io: T, code: ErrorCode, message: &str) {
+    let frame = ServerFrame::Error { code, message, client_id: None, fatal: true }.encode();
+    let _ = timeout(CLOSE_TIMEOUT, async {
+        io.feed(Outbound::Frame(frame)).await?;
+        io.feed(Outbound::Close(code)).await?;
+        io.close().await
+    })
+    .await;
+}
+
+/// Authenticates a connection and, if it is accepted, runs its session to the end.
+pub async fn start<T: FrameIo>(io: T, hub: Arc<Hub>, request: ConnectRequest, guard: ConnGuard) {
+    let (app, uid) = match hub.authenticate(request.app_id.as_deref(), request.token.as_deref()) {
+        Ok(ok) => ok,
+        Err(code) => {
+            debug!(remote = %request.remote, transport = %request.transport, app = request.app_id.as_deref().unwrap_or(""), %code, "connect rejected");
+            return reject(io, code, describe(code)).await;
+        }
+    };
+    let conn_id = hub.next_conn_id();
+    let (tx, rx) = mpsc::channel(hub.config().limits.outbound_queue);
+    let control = Arc::new(SessionControl::default());
+    let handle = SessionHandle { conn_id, tx, control: control.clone() };
+    if let Err(code) = app.registry.register(&uid, handle, hub.config().limits.max_connections_per_user) {
+        return reject(io, code, describe(code)).await;
+    }
+    let span =
+        info_span!("conn", app = %app.id, %uid, transport = %request.transport, remote = %request.remote, conn_id);
+    let session = Session {
+        bucket: TokenBucket::new(hub.config().limits.messages_per_second, hub.config().limits.message_burst),
+        io,
+        hub: hub.clone(),
+        app: app.clone(),
+        uid,
+        conn_id,
+        rx,
+        control,
+        last_seen: Instant::now(),
+    };
+    async move {
+        debug!("connected");
+        let uid = session.uid.clone();
+        let exit = session.run().await;
+        app.registry.unregister(&uid, conn_id);
+        drop(guard);
+        debug!(reason = %exit, "disconnected");
+    }
+    .instrument(span)
+    .await;
+}
+
+struct Session<T> {
+    io: T,
+    hub: Arc<Hub>,
+    app: Arc<App>,
+    uid: String,
+    conn_id: u64,
+    rx: mpsc::Receiver<Bytes>,
+    control: Arc<SessionControl>,
+    bucket: TokenBucket,
+    /// When the client last sent anything; drives the idle timeout.
+    last_seen: Instant,
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum Exit {
+    /// The client closed, or its socket failed.
+    Gone,
+    /// The session ends with an error the client is told about.
+    Fatal(ErrorCode, String),
+    /// The node is shutting down.
+    Shutdown,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Gone => f.write_str("client closed"),
+            Exit::Fatal(code, msg) => write!(f, "{code}: {msg}"),
+            Exit::Shutdown => f.write_str("server shutdown"),
+        }
+    }
+}
+
+enum Event {
+    Kicked(ErrorCode),
+    Shutdown,
+    Outbound(Bytes),
+    Inbound(Option<Result<Inbound, ReadError>>),
+    Tick,
+}
+
+impl<T: FrameIo> Session<T> {
+    async fn run(mut self) -> Exit {
+        let exit = self.serve().await;
+        match &exit {
+            Exit::Gone => {
+                // Flush the close reply tungstenite queued, if any.
+                let _ = timeout(CLOSE_TIMEOUT, self.io.close()).await;
+            }
+            Exit::Fatal(code, message) => reject(self.io, *code, message).await,
+            Exit::Shutdown => {
+                let spread = self.hub.config().shutdown.reconnect_jitter.as_millis() as u64;
+                let delay_ms = if spread == 0 { 0 } else { rand::thread_rng().gen_range(0..spread) };
+                let frame = ServerFrame::Reconnect {
+                    reason: ErrorCode::ServerShutdown.as_str(),
+                    tcp_addr: "",
+                    ws_addr: "",
+                    wss_addr: "",
+                    delay_ms,
+                };
+                let _ = timeout(CLOSE_TIMEOUT, self.io.feed(Outbound::Frame(frame.encode()))).await;
+                reject(self.io, ErrorCode::ServerShutdown, describe(ErrorCode::ServerShutdown)).await;
+            }
+        }
+        exit
+    }
+
+    async fn serve(&mut self) -> Exit {
+        let hb = self.hub.config().heartbeat.clone();
+        let connected = ServerFrame::Connected {
+            uid: &self.uid,
+            conn_id: &self.conn_id.to_string(),
+            node_id: &self.hub.node().id,
+            ping_interval_ms: hb.ping_interval.as_millis() as u64,
+            idle_timeout_ms: hb.idle_timeout.as_millis() as u64,
+        }
+        .encode();
+        if let Err(exit) = self.write(connected).await {
+            return exit;
+        }
+
+        let control = self.control.clone();
+        let shutdown = self.hub.shutdown_token().clone();
+        let mut next_ping = Instant::now() + hb.ping_interval;
+        let tick = sleep_until(next_ping);
+        tokio::pin!(tick);
+        loop {
+            let event = tokio::select! {
+                biased;
+                reason = control.kicked() => Event::Kicked(reason),
+                _ = shutdown.cancelled() => Event::Shutdown,
+                Some(frame) = self.rx.recv() => Event::Outbound(frame),
+                inbound = self.io.next() => Event::Inbound(inbound),
+                _ = &mut tick => Event::Tick,
+            };
+            let step = match event {
+                Event::Kicked(code) => Err(Exit::Fatal(code, describe(code).into())),
+                Event::Shutdown => Err(Exit::Shutdown),
+                Event::Outbound(frame) => self.write_batch(frame).await,
+                Event::Inbound(None) => Err(Exit::Gone),
+                Event::Inbound(Some(Ok(inbound))) => {
+                    self.last_seen = Instant::now();
+                    match inbound {
+                        Inbound::Frame(bytes) => self.on_frame(&bytes).await,
+                        Inbound::Activity => Ok(()),
+                    }
+                }
+                Event::Inbound(Some(Err(ReadError::Io(e)))) => {
+                    debug!(error = %e, "read failed");
+                    Err(Exit::Gone)
+                }
+                Event::Inbound(Some(Err(e))) => {
+                    let code = e.code().unwrap_or(ErrorCode::ProtocolError);
+                    if e.is_fatal() {
+                        Err(Exit::Fatal(code, e.to_string()))
+                    } else {
+                        self.error(code, &e.to_string(), None).await
+                    }
+                }
+                Event::Tick => {
+                    let now = Instant::now();
+                    let idle_deadline = self.last_seen + hb.idle_timeout;
+                    if now >= idle_deadline {
+                        Err(Exit::Fatal(ErrorCode::IdleTimeout, describe(ErrorCode::IdleTimeout).into()))
+                    } else {
+                        let mut result = Ok(());
+                        if now >= next_ping {
+                            next_ping = now + hb.ping_interval;
+                            result = self.send(Outbound::Ping).await;
+                        }
+                        tick.as_mut().reset(next_ping.min(idle_deadline));
+                        result
+                    }
+                }
+            };
+            if let Err(exit) = step {
+                return exit;
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, bytes: &[u8]) -> Result<(), Exit> {
+        let frame = match decode_client_frame(bytes) {
+            Ok(frame) => frame,
+            Err(e) => return self.error(e.code, &e.message, e.client_id.as_deref()).await,
+        };
+        match frame {
+            ClientFrame::Send(send) => {
+                let client_id = send.client_id.as_deref();
+                if !self.bucket.try_take(Instant::now()) {
+                    let msg = "over limits.messages_per_second; the frame was dropped";
+                    return self.error(ErrorCode::RateLimited, msg, client_id).await;
+                }
+                let sent = self.hub.send_direct(&self.app, &self.uid, &send.to, send.data).await;
+                let ack = ServerFrame::Ack {
+                    client_id,
+                    msg_id: &sent.msg_id,
+                    status: if sent.delivered > 0 { "delivered" } else { "offline" },
+                    delivered: sent.delivered,
+                };
+                self.write(ack.encode()).await
+            }
+            ClientFrame::Ping => self.write(ServerFrame::Pong.encode()).await,
+            ClientFrame::Pong => Ok(()),
+            ClientFrame::Connect(_) => {
+                self.error(ErrorCode::AlreadyConnected, "this connection is already authenticated", None).await
+            }
+        }
+    }
+
+    async fn error(&mut self, code: ErrorCode, message: &str, client_id: Option<&str>) -> Result<(), Exit> {
+        self.write(ServerFrame::Error { code, message, client_id, fatal: false }.encode()).await
+    }
+
+    async fn write(&mut self, frame: Bytes) -> Result<(), Exit> {
+        self.send(Outbound::Frame(frame)).await
+    }
+
+    /// Sends one item and flushes, within `limits.write_timeout`.
+    async fn send(&mut self, item: Outbound) -> Result<(), Exit> {
+        let limit = self.hub.config().limits.write_timeout;
+        finish_write(timeout(limit, self.io.send(item)).await)
+    }
+
+    /// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]) with one flush.
+    async fn write_batch(&mut self, first: Bytes) -> Result<(), Exit> {
+        let limit = self.hub.config().limits.write_timeout;
+        let rx = &mut self.rx;
+        let io = &mut self.io;
+        let write = async {
+            io.feed(Outbound::Frame(first)).await?;
+            for _ in 1..MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(frame) => io.feed(Outbound::Frame(frame)).await?,
+                    Err(_) => break,
+                }
+            }
+            io.flush().await
+        };
+        finish_write(timeout(limit, write).await)
+    }
+}
+
+/// A write that fails means the client is gone; one that times out means it is stuck.
+fn finish_write(result: Result<std::io::Result<()>, tokio::time::error::Elapsed>) -> Result<(), Exit> {
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            debug!(error = %e, "write failed");
+            Err(Exit::Gone)
+        }
+        Err(_) => {
+            Err(Exit::Fatal(ErrorCode::SlowConsumer, "a write did not complete within limits.write_timeout".into()))
+        }
+    }
+}

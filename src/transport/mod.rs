@@ -1,0 +1,126 @@
+//! Transports: accept loops for TCP, WS and WSS, each producing the one connection type
+//! sessions work with.
+//!
+//! Owns sockets, TLS, the WebSocket handshake and framing (WS text messages, or a 4-byte
+//! length prefix on TCP). Above this module a connection is a [`FrameIo`]: a stream of
+//! inbound JSON frames and a sink of outbound ones, whatever carried them. It does not look
+//! inside frames.
+
+pub mod tcp;
+pub mod tls;
+pub mod ws;
+
+use std::fmt;
+use std::io;
+
+use bytes::Bytes;
+use futures_util::{Sink, Stream};
+
+use crate::protocol::ErrorCode;
+
+/// How a client is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Tcp,
+    Ws,
+    Wss,
+}
+
+impl Transport {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
+        }
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Something received from a client.
+#[derive(Debug)]
+pub enum Inbound {
+    /// One JSON frame (UTF-8 text).
+    Frame(Bytes),
+    /// Proof of life without a frame (a WebSocket ping or pong).
+    Activity,
+}
+
+/// Something to send to a client.
+#[derive(Debug)]
+pub enum Outbound {
+    /// One JSON frame.
+    Frame(Bytes),
+    /// A liveness probe: a WebSocket ping, or a `{"type":"ping"}` frame on TCP.
+    Ping,
+    /// End the connection for this reason (a WebSocket close frame; nothing on TCP, where
+    /// the session's `error` frame already said why).
+    Close(ErrorCode),
+}
+
+/// Why reading from a client failed.
+#[derive(Debug)]
+pub enum ReadError {
+    /// A WebSocket binary message; the connection can go on.
+    Binary,
+    /// A frame over `limits.max_frame_bytes`; the stream cannot be resynchronised.
+    TooLarge,
+    /// A text frame that is not UTF-8.
+    InvalidUtf8,
+    /// A WebSocket protocol violation.
+    Protocol(String),
+    /// The socket failed or the peer vanished without closing.
+    Io(io::Error),
+}
+
+impl ReadError {
+    /// The error code to tell the client, or `None` when the connection is simply gone.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ReadError::Binary => Some(ErrorCode::BinaryUnsupported),
+            ReadError::TooLarge => Some(ErrorCode::FrameTooLarge),
+            ReadError::InvalidUtf8 => Some(ErrorCode::InvalidUtf8),
+            ReadError::Protocol(_) => Some(ErrorCode::ProtocolError),
+            ReadError::Io(_) => None,
+        }
+    }
+
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, ReadError::Binary)
+    }
+}
+
+impl fmt::Display for ReadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadError::Binary => f.write_str("binary frames are not supported; send JSON as text"),
+            ReadError::TooLarge => f.write_str("frame exceeds limits.max_frame_bytes"),
+            ReadError::InvalidUtf8 => f.write_str("text frame is not valid UTF-8"),
+            ReadError::Protocol(e) => write!(f, "WebSocket protocol error: {e}"),
+            ReadError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// A client connection as sessions see it. `None` from the stream means the client closed.
+pub trait FrameIo:
+    Stream<Item = Result<Inbound, ReadError>> + Sink<Outbound, Error = io::Error> + Unpin + Send + 'static
+{
+}
+
+impl<T> FrameIo for T where
+    T: Stream<Item = Result<Inbound, ReadError>> + Sink<Outbound, Error = io::Error> + Unpin + Send + 'static
+{
+}
+
+/// Sleeps a little after an accept error (e.g. out of file descriptors) so that an accept
+/// loop does not spin; the error is logged by the caller.
+pub(crate) async fn accept_backoff(err: &io::Error) {
+    tracing::warn!(error = %err, "accept failed");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}

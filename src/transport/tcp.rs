@@ -1,0 +1,158 @@
+//! Plain TCP: each frame is a 4-byte big-endian length followed by that many bytes of
+//! UTF-8 JSON, and the first frame must be `connect`.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use futures_util::{Sink, Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio_util::codec::{Framed, LengthDelimitedCodec, LengthDelimitedCodecError};
+use tokio_util::task::TaskTracker;
+
+use super::{Inbound, Outbound, ReadError, Transport};
+use crate::hub::Hub;
+use crate::protocol::{ClientFrame, ErrorCode, decode_client_frame};
+use crate::session::{self, ConnectRequest};
+
+const PING_FRAME: &[u8] = br#"{"type":"ping"}"#;
+const LINGER_MAX_BYTES: usize = 256 * 1024;
+
+/// Adapts a byte stream with length-prefixed frames to [`FrameIo`](super::FrameIo).
+#[derive(Debug)]
+pub struct TcpIo<S> {
+    inner: Framed<S, LengthDelimitedCodec>,
+    shut_down: bool,
+    drained: usize,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> TcpIo<S> {
+    pub fn new(stream: S, max_frame_bytes: usize) -> Self {
+        let codec = LengthDelimitedCodec::builder()
+            .length_field_length(4)
+            .big_endian()
+            .max_frame_length(max_frame_bytes)
+            .new_codec();
+        Self { inner: Framed::with_capacity(stream, codec, 2048), shut_down: false, drained: 0 }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Stream for TcpIo<S> {
+    type Item = Result<Inbound, ReadError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Poll::Ready(match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+            None => None,
+            Some(Ok(frame)) if std::str::from_utf8(&frame).is_err() => Some(Err(ReadError::InvalidUtf8)),
+            Some(Ok(frame)) => Some(Ok(Inbound::Frame(frame.freeze()))),
+            Some(Err(e)) if e.get_ref().is_some_and(|inner| inner.is::<LengthDelimitedCodecError>()) => {
+                Some(Err(ReadError::TooLarge))
+            }
+            Some(Err(e)) => Some(Err(ReadError::Io(e))),
+        })
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Outbound> for TcpIo<S> {
+    type Error = io::Error;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Sink::<Bytes>::poll_ready(Pin::new(&mut self.inner), cx)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, item: Outbound) -> io::Result<()> {
+        match item {
+            Outbound::Frame(bytes) => Pin::new(&mut self.inner).start_send(bytes),
+            Outbound::Ping => Pin::new(&mut self.inner).start_send(Bytes::from_static(PING_FRAME)),
+            // The session's fatal `error` frame already said why; closing is poll_close.
+            Outbound::Close(_) => Ok(()),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Sink::<Bytes>::poll_flush(Pin::new(&mut self.inner), cx)
+    }
+
+    /// Flushes, sends FIN, then reads and drops what the client still sends (bounded), so
+    /// that the last frame is not lost to a TCP reset.
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.shut_down {
+            let _ = ready!(Sink::<Bytes>::poll_flush(Pin::new(&mut this.inner), cx));
+            let _ = ready!(Pin::new(this.inner.get_mut()).poll_shutdown(cx));
+            this.shut_down = true;
+        }
+        let raw = this.inner.get_mut();
+        let mut buf = [0u8; 1024];
+        while this.drained < LINGER_MAX_BYTES {
+            let mut rb = ReadBuf::new(&mut buf);
+            match ready!(Pin::new(&mut *raw).poll_read(cx, &mut rb)) {
+                Ok(()) if rb.filled().is_empty() => break,
+                Ok(()) => this.drained += rb.filled().len(),
+                Err(_) => break,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Waits for the `connect` frame, then hands the connection to a session.
+pub async fn serve_connection<S>(stream: S, remote: std::net::SocketAddr, hub: Arc<Hub>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &hub.config().limits;
+    let mut io = TcpIo::new(stream, limits.max_frame_bytes);
+    let Some(guard) = hub.try_admit() else {
+        return session::reject(io, ErrorCode::TooManyConnections, "this node is at limits.max_connections").await;
+    };
+    let first = match tokio::time::timeout(limits.connect_timeout, io.next()).await {
+        Err(_) => {
+            let msg = "no connect frame within limits.connect_timeout";
+            return session::reject(io, ErrorCode::ConnectTimeout, msg).await;
+        }
+        Ok(None | Some(Err(ReadError::Io(_)))) => return,
+        Ok(Some(Err(e))) => {
+            let code = e.code().unwrap_or(ErrorCode::ProtocolError);
+            return session::reject(io, code, &e.to_string()).await;
+        }
+        Ok(Some(Ok(Inbound::Activity))) => unreachable!("TCP framing never yields bare activity"),
+        Ok(Some(Ok(Inbound::Frame(bytes)))) => bytes,
+    };
+    let request = match decode_client_frame(&first) {
+        Ok(ClientFrame::Connect(c)) => ConnectRequest {
+            app_id: Some(c.app_id.into_owned()),
+            token: Some(c.token.into_owned()),
+            transport: Transport::Tcp,
+            remote,
+            params: Vec::new(),
+        },
+        Ok(_) => {
+            let msg = r#"the first frame must be {"type":"connect","app_id":...,"token":...}"#;
+            return session::reject(io, ErrorCode::ConnectRequired, msg).await;
+        }
+        Err(e) => return session::reject(io, e.code, &e.message).await,
+    };
+    session::start(io, hub, request, guard).await;
+}
+
+/// Accepts TCP clients until shutdown.
+pub async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, tracker: TaskTracker) {
+    let stop = hub.shutdown_token().clone();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, remote)) => {
+                let _ = stream.set_nodelay(true);
+                tracker.spawn(serve_connection(stream, remote, hub.clone()));
+            }
+            Err(e) => super::accept_backoff(&e).await,
+        }
+    }
+}

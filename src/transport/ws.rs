@@ -1,0 +1,215 @@
+//! WebSocket (and, over a TLS stream, WebSocket Secure): the upgrade handshake at
+//! `/ws/connect` and the adapter that makes a WebSocket a [`FrameIo`](super::FrameIo).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use futures_util::{Sink, Stream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use super::{Inbound, Outbound, ReadError, Transport};
+use crate::hub::Hub;
+use crate::session::{self, ConnectRequest};
+
+/// The one path clients upgrade on.
+pub const CONNECT_PATH: &str = "/ws/connect";
+
+/// Bytes read and thrown away after closing, so that closing the socket with unread input
+/// does not turn into a TCP reset that destroys the close frame just sent.
+const LINGER_MAX_BYTES: usize = 256 * 1024;
+
+/// Adapts a WebSocket to frames: text messages carry frames, pings and pongs count as
+/// activity, binary messages are refused.
+#[derive(Debug)]
+pub struct WsIo<S> {
+    inner: WebSocketStream<S>,
+    closed: bool,
+    shut_down: bool,
+    drained: usize,
+}
+
+impl<S> WsIo<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    pub fn new(inner: WebSocketStream<S>) -> Self {
+        Self { inner, closed: false, shut_down: false, drained: 0 }
+    }
+
+    /// Wraps a stream on which the handshake already happened elsewhere.
+    pub async fn from_raw(stream: S, role: Role, config: WebSocketConfig) -> Self {
+        Self::new(WebSocketStream::from_raw_socket(stream, role, Some(config)).await)
+    }
+}
+
+fn to_io(e: WsError) -> io::Error {
+    match e {
+        WsError::Io(e) => e,
+        other => io::Error::other(other),
+    }
+}
+
+impl<S> Stream for WsIo<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    type Item = Result<Inbound, ReadError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            let item = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+                None => return Poll::Ready(None),
+                Some(Ok(Message::Text(text))) => Ok(Inbound::Frame(Bytes::from(text))),
+                Some(Ok(Message::Binary(_))) => Err(ReadError::Binary),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(Inbound::Activity),
+                // The client closed; tungstenite queues the close reply, flushed on close().
+                Some(Ok(Message::Close(_))) => return Poll::Ready(None),
+                Some(Ok(Message::Frame(_))) => continue,
+                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => return Poll::Ready(None),
+                Some(Err(WsError::Capacity(_))) => Err(ReadError::TooLarge),
+                Some(Err(WsError::Utf8(_))) => Err(ReadError::InvalidUtf8),
+                Some(Err(WsError::Io(e))) => Err(ReadError::Io(e)),
+                Some(Err(e)) => Err(ReadError::Protocol(e.to_string())),
+            };
+            return Poll::Ready(Some(item));
+        }
+    }
+}
+
+impl<S> Sink<Outbound> for WsIo<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    type Error = io::Error;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_ready(cx).map_err(to_io)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, item: Outbound) -> io::Result<()> {
+        let msg = match item {
+            Outbound::Frame(bytes) => {
+                Message::Text(Utf8Bytes::try_from(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?)
+            }
+            Outbound::Ping => Message::Ping(Bytes::new()),
+            Outbound::Close(code) => {
+                Message::Close(Some(CloseFrame { code: code.close_code().into(), reason: code.as_str().into() }))
+            }
+        };
+        Pin::new(&mut self.inner).start_send(msg).map_err(to_io)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx).map_err(to_io)
+    }
+
+    /// Sends a close frame unless one was sent, shuts the write side, then reads and drops
+    /// what the client still sends (bounded) until it closes too.
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.closed {
+            // An error here means the peer is gone; there is nothing left to tell it.
+            let _ = ready!(Pin::new(&mut this.inner).poll_close(cx));
+            this.closed = true;
+        }
+        let raw = this.inner.get_mut();
+        if !this.shut_down {
+            let _ = ready!(Pin::new(&mut *raw).poll_shutdown(cx));
+            this.shut_down = true;
+        }
+        let mut buf = [0u8; 1024];
+        while this.drained < LINGER_MAX_BYTES {
+            let mut rb = ReadBuf::new(&mut buf);
+            match ready!(Pin::new(&mut *raw).poll_read(cx, &mut rb)) {
+                Ok(()) if rb.filled().is_empty() => break,
+                Ok(()) => this.drained += rb.filled().len(),
+                Err(_) => break,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The WebSocket settings for client connections: small eager buffers (this node holds many
+/// idle connections), writes batched up to 16 KiB between flushes, frames capped.
+pub fn ws_config(max_frame_bytes: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(16 * 1024)
+        .max_message_size(Some(max_frame_bytes))
+        .max_frame_size(Some(max_frame_bytes))
+}
+
+fn json_error(status: u16, code: &str, message: &str) -> ErrorResponse {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } }).to_string();
+    let mut resp = ErrorResponse::new(Some(body));
+    *resp.status_mut() = http::StatusCode::from_u16(status).expect("valid status");
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// Runs the upgrade handshake on an accepted stream, then hands the connection to a session.
+pub async fn serve_connection<S>(stream: S, remote: std::net::SocketAddr, transport: Transport, hub: Arc<Hub>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &hub.config().limits;
+    let guard = hub.try_admit();
+    let full = guard.is_none();
+    let mut query: Option<String> = None;
+    let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() != CONNECT_PATH {
+            return Err(json_error(404, "not_found", "WebSocket clients connect at /ws/connect"));
+        }
+        if full {
+            return Err(json_error(503, "too_many_connections", "this node is at limits.max_connections"));
+        }
+        query = Some(req.uri().query().unwrap_or_default().to_string());
+        Ok(resp)
+    };
+    let handshake =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config(limits.max_frame_bytes)));
+    let ws = match tokio::time::timeout(limits.connect_timeout, handshake).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            debug!(%remote, %transport, error = %e, "WebSocket handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(%remote, %transport, "WebSocket handshake timed out");
+            return;
+        }
+    };
+    let (Some(guard), Some(query)) = (guard, query) else { return };
+    let request = ConnectRequest::from_query(&query, transport, remote);
+    session::start(WsIo::new(ws), hub, request, guard).await;
+}
+
+/// Accepts plain WebSocket connections until shutdown.
+pub async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, tracker: TaskTracker) {
+    let stop = hub.shutdown_token().clone();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, remote)) => {
+                let _ = stream.set_nodelay(true);
+                tracker.spawn(serve_connection(stream, remote, Transport::Ws, hub.clone()));
+            }
+            Err(e) => super::accept_backoff(&e).await,
+        }
+    }
+}
