@@ -72,6 +72,7 @@ impl Server {
     /// Loads TLS material, binds every enabled listener and works out the node's identity and
     /// advertised addresses. Nothing is accepted until [`run`](Self::run).
     pub async fn bind(config: Config) -> Result<Self, StartError> {
+        tls::install_crypto_provider();
         let tls = match &config.tls {
             Some(t) => Some(TlsAcceptor::from(tls::load(&config.resolve(&t.cert), &config.resolve(&t.key))?)),
             None => None,

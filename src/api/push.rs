@@ -19,7 +19,7 @@ use super::ApiError;
 use crate::auth::nonce::NonceCheck;
 use crate::auth::signature::{self, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use crate::hub::Hub;
-use crate::protocol::{now_ms, valid_uid};
+use crate::protocol::{looks_like_object, now_ms, valid_uid};
 
 /// The longest nonce accepted.
 pub(super) const MAX_NONCE_LEN: usize = 128;
@@ -73,6 +73,9 @@ pub(super) async fn push(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<PushResponse>, ApiError> {
     let body = body?;
+    if !looks_like_object(&body) {
+        return Err(ApiError::bad_request("invalid_body", "push body must be a JSON object"));
+    }
     let req: PushBody<'_> =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("invalid_body", format!("push body: {e}")))?;
 

@@ -57,8 +57,29 @@ struct Wire<'a> {
     token: Option<Cow<'a, str>>,
 }
 
+/// Whether `bytes` starts (after whitespace) like a JSON object. serde reads a struct from
+/// a JSON array by position, so every object-only input checks this first.
+pub fn looks_like_object(bytes: &[u8]) -> bool {
+    bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
+
 /// Decodes one client frame.
 pub fn decode_client_frame(bytes: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
+    // serde would read a struct from a JSON array by position; frames are objects only.
+    if !looks_like_object(bytes) {
+        return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            Ok(_) => DecodeError {
+                code: ErrorCode::InvalidFrame,
+                message: "frame must be a JSON object".into(),
+                client_id: None,
+            },
+            Err(e) => DecodeError {
+                code: ErrorCode::InvalidJson,
+                message: format!("frame is not valid JSON: {e}"),
+                client_id: None,
+            },
+        });
+    }
     let wire: Wire<'_> = serde_json::from_slice(bytes).map_err(|e| {
         let code = if e.is_data() { ErrorCode::InvalidFrame } else { ErrorCode::InvalidJson };
         let what = if e.is_data() { "frame has the wrong shape" } else { "frame is not valid JSON" };
@@ -216,6 +237,8 @@ mod tests {
         assert_eq!(code(b""), ErrorCode::InvalidJson);
         assert_eq!(code(br#"{"to":5,"data":1}"#), ErrorCode::InvalidFrame);
         assert_eq!(code(br#"[1,2]"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(br#"["send","bob",1]"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(br#" "text" "#), ErrorCode::InvalidFrame);
         assert_eq!(code(br#"{"type":"send","to":"bob"}"#), ErrorCode::InvalidFrame);
         assert_eq!(code(br#"{"type":"send","to":"","data":1}"#), ErrorCode::InvalidRecipient);
         assert_eq!(code(br#"{"type":"dance"}"#), ErrorCode::UnknownType);

@@ -9,7 +9,9 @@ mod frame;
 mod ids;
 
 pub use code::ErrorCode;
-pub use frame::{ClientFrame, ConnectFrame, Envelope, SendFrame, ServerFrame, decode_client_frame, encode_message};
+pub use frame::{
+    ClientFrame, ConnectFrame, Envelope, SendFrame, ServerFrame, decode_client_frame, encode_message, looks_like_object,
+};
 pub use ids::{MsgIdGen, conversation_id, now_ms};
 
 /// The longest user id, in bytes.

@@ -118,11 +118,13 @@ pub async fn start<T: FrameIo>(io: T, hub: Arc<Hub>, request: ConnectRequest, gu
     };
     async move {
         debug!("connected");
-        let uid = session.uid.clone();
-        let exit = session.run().await;
-        app.registry.unregister(&uid, conn_id);
-        drop(guard);
+        let mut session = session;
+        let exit = session.serve().await;
+        // Unregister first: from here on nobody should count this connection as a recipient.
+        app.registry.unregister(&session.uid, conn_id);
         debug!(reason = %exit, "disconnected");
+        session.goodbye(exit).await;
+        drop(guard);
     }
     .instrument(span)
     .await;
@@ -171,8 +173,8 @@ enum Event {
 }
 
 impl<T: FrameIo> Session<T> {
-    async fn run(mut self) -> Exit {
-        let exit = self.serve().await;
+    /// Tells the client why the session ended (where there is anyone left to tell).
+    async fn goodbye(mut self, exit: Exit) {
         match &exit {
             Exit::Gone => {
                 // Flush the close reply tungstenite queued, if any.
@@ -193,7 +195,6 @@ impl<T: FrameIo> Session<T> {
                 reject(self.io, ErrorCode::ServerShutdown, describe(ErrorCode::ServerShutdown)).await;
             }
         }
-        exit
     }
 
     async fn serve(&mut self) -> Exit {
@@ -310,12 +311,14 @@ impl<T: FrameIo> Session<T> {
     /// Sends one item and flushes, within `limits.write_timeout`.
     async fn send(&mut self, item: Outbound) -> Result<(), Exit> {
         let limit = self.hub.config().limits.write_timeout;
-        finish_write(timeout(limit, self.io.send(item)).await)
+        let control = self.control.clone();
+        guarded(&control, limit, self.io.send(item)).await
     }
 
     /// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]) with one flush.
     async fn write_batch(&mut self, first: Bytes) -> Result<(), Exit> {
         let limit = self.hub.config().limits.write_timeout;
+        let control = self.control.clone();
         let rx = &mut self.rx;
         let io = &mut self.io;
         let write = async {
@@ -328,7 +331,21 @@ impl<T: FrameIo> Session<T> {
             }
             io.flush().await
         };
-        finish_write(timeout(limit, write).await)
+        guarded(&control, limit, write).await
+    }
+}
+
+/// Runs a write within `limit`, abandoning it at once if the session is kicked meanwhile
+/// (a write blocked on a full socket must not keep a slow consumer registered).
+async fn guarded(
+    control: &SessionControl,
+    limit: Duration,
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+) -> Result<(), Exit> {
+    tokio::select! {
+        biased;
+        code = control.kicked() => Err(Exit::Fatal(code, describe(code).into())),
+        result = timeout(limit, write) => finish_write(result),
     }
 }
 

@@ -34,9 +34,21 @@ const LINGER_MAX_BYTES: usize = 256 * 1024;
 #[derive(Debug)]
 pub struct WsIo<S> {
     inner: WebSocketStream<S>,
-    closed: bool,
-    shut_down: bool,
+    close: CloseState,
     drained: usize,
+}
+
+/// Progress of [`WsIo`]'s close sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CloseState {
+    Open,
+    /// Our close frame is out; reading until the client's close reply.
+    AwaitingReply,
+    /// The WebSocket stream broke mid-frame: read raw bytes until the client hangs up.
+    Draining,
+    /// Close handshake over: shut the socket.
+    ShuttingDown,
+    Done,
 }
 
 impl<S> WsIo<S>
@@ -44,7 +56,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     pub fn new(inner: WebSocketStream<S>) -> Self {
-        Self { inner, closed: false, shut_down: false, drained: 0 }
+        Self { inner, close: CloseState::Open, drained: 0 }
     }
 
     /// Wraps a stream on which the handshake already happened elsewhere.
@@ -114,30 +126,50 @@ where
         Pin::new(&mut self.inner).poll_flush(cx).map_err(to_io)
     }
 
-    /// Sends a close frame unless one was sent, shuts the write side, then reads and drops
-    /// what the client still sends (bounded) until it closes too.
+    /// Completes the close handshake: sends a close frame unless one was sent, reads (and
+    /// drops) what the client still sends until its close reply, then shuts the socket.
+    /// Bounded by [`LINGER_MAX_BYTES`]; callers bound it in time.
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if !this.closed {
-            // An error here means the peer is gone; there is nothing left to tell it.
-            let _ = ready!(Pin::new(&mut this.inner).poll_close(cx));
-            this.closed = true;
+        loop {
+            this.close = match this.close {
+                CloseState::Open => {
+                    // An error here means the peer is gone; there is nothing left to tell it.
+                    match ready!(Pin::new(&mut this.inner).poll_close(cx)) {
+                        Ok(()) => CloseState::AwaitingReply,
+                        Err(_) => CloseState::ShuttingDown,
+                    }
+                }
+                CloseState::AwaitingReply => match ready!(Pin::new(&mut this.inner).poll_next(cx)) {
+                    None | Some(Ok(Message::Close(_))) => CloseState::ShuttingDown,
+                    Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_))) => {
+                        CloseState::ShuttingDown
+                    }
+                    Some(Ok(m)) if this.drained < LINGER_MAX_BYTES => {
+                        this.drained += m.len();
+                        CloseState::AwaitingReply
+                    }
+                    Some(Ok(_)) => CloseState::ShuttingDown,
+                    Some(Err(_)) => CloseState::Draining,
+                },
+                CloseState::Draining => {
+                    let mut buf = [0u8; 1024];
+                    let mut rb = ReadBuf::new(&mut buf);
+                    match ready!(Pin::new(this.inner.get_mut()).poll_read(cx, &mut rb)) {
+                        Ok(()) if !rb.filled().is_empty() && this.drained < LINGER_MAX_BYTES => {
+                            this.drained += rb.filled().len();
+                            CloseState::Draining
+                        }
+                        _ => CloseState::ShuttingDown,
+                    }
+                }
+                CloseState::ShuttingDown => {
+                    let _ = ready!(Pin::new(this.inner.get_mut()).poll_shutdown(cx));
+                    CloseState::Done
+                }
+                CloseState::Done => return Poll::Ready(Ok(())),
+            };
         }
-        let raw = this.inner.get_mut();
-        if !this.shut_down {
-            let _ = ready!(Pin::new(&mut *raw).poll_shutdown(cx));
-            this.shut_down = true;
-        }
-        let mut buf = [0u8; 1024];
-        while this.drained < LINGER_MAX_BYTES {
-            let mut rb = ReadBuf::new(&mut buf);
-            match ready!(Pin::new(&mut *raw).poll_read(cx, &mut rb)) {
-                Ok(()) if rb.filled().is_empty() => break,
-                Ok(()) => this.drained += rb.filled().len(),
-                Err(_) => break,
-            }
-        }
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -160,6 +192,8 @@ fn json_error(status: u16, code: &str, message: &str) -> ErrorResponse {
 }
 
 /// Runs the upgrade handshake on an accepted stream, then hands the connection to a session.
+// The callback's error type is tungstenite's `ErrorResponse`, not ours to shrink.
+#[allow(clippy::result_large_err)]
 pub async fn serve_connection<S>(stream: S, remote: std::net::SocketAddr, transport: Transport, hub: Arc<Hub>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,

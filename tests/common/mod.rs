@@ -1,0 +1,389 @@
+//! Test fixtures: a real server on 127.0.0.1 with OS-picked ports, and real clients
+//! (tokio-tungstenite over WS/WSS, length-prefixed TCP, reqwest).
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use switchboard::auth::{jwt, signature};
+use switchboard::config::{Config, TlsConfig};
+use switchboard::hub::Hub;
+use switchboard::{LocalAddrs, Server};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+pub const DEMO_SECRET: &str = "demo-secret-0123456789abcdef";
+pub const OTHER_SECRET: &str = "other-secret-0123456789abcdef";
+
+/// How long any single expected event may take before a test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The config every test server starts from: two apps, every listener on 127.0.0.1:0.
+pub fn base_config() -> Config {
+    let text = format!(
+        r#"
+[node]
+id = "test-node"
+[listeners.http]
+bind = "127.0.0.1:0"
+[listeners.https]
+bind = "127.0.0.1:0"
+[listeners.tcp]
+bind = "127.0.0.1:0"
+[listeners.ws]
+bind = "127.0.0.1:0"
+[listeners.wss]
+bind = "127.0.0.1:0"
+[shutdown]
+grace = "5s"
+reconnect_jitter = "1s"
+[apps.demo]
+secret = "{DEMO_SECRET}"
+[apps.other]
+secret = "{OTHER_SECRET}"
+"#
+    );
+    text.parse().expect("base test config is valid")
+}
+
+pub fn secret_of(app: &str) -> &'static str {
+    match app {
+        "demo" => DEMO_SECRET,
+        "other" => OTHER_SECRET,
+        _ => "no-such-app-secret-0123456789",
+    }
+}
+
+pub fn token(app: &str, uid: &str) -> String {
+    jwt::issue(secret_of(app).as_bytes(), uid, Duration::from_secs(600))
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost, written to a temp dir.
+pub struct TestCert {
+    pub dir: tempfile::TempDir,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub cert_der: Vec<u8>,
+}
+
+pub fn test_cert() -> TestCert {
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, signing_key.serialize_pem()).unwrap();
+    TestCert { cert_der: cert.der().to_vec(), dir, cert: cert_path, key: key_path }
+}
+
+pub struct TestServer {
+    pub addrs: LocalAddrs,
+    pub hub: Arc<Hub>,
+    pub cert: Option<TestCert>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn spawn() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    /// Starts a server from [`base_config`] changed by `tweak`.
+    pub async fn with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut config = base_config();
+        tweak(&mut config);
+        config.validate().expect("test config is valid");
+        Self::start(config, None).await
+    }
+
+    /// Starts a server with TLS (WSS and HTTPS) on a fresh self-signed certificate.
+    pub async fn with_tls(tweak: impl FnOnce(&mut Config)) -> Self {
+        let cert = test_cert();
+        let mut config = base_config();
+        config.tls = Some(TlsConfig { cert: cert.cert.clone(), key: cert.key.clone() });
+        tweak(&mut config);
+        config.validate().expect("test config is valid");
+        Self::start(config, Some(cert)).await
+    }
+
+    async fn start(config: Config, cert: Option<TestCert>) -> Self {
+        let server = Server::bind(config).await.expect("server binds");
+        let addrs = server.local_addrs();
+        let hub = server.hub().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("server runs");
+        });
+        Self { addrs, hub, cert, stop: Some(stop), task: Some(task) }
+    }
+
+    /// Triggers graceful shutdown and waits until `run` returns.
+    pub async fn shutdown(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(15), self.task.take().unwrap())
+            .await
+            .expect("server stops within its grace period")
+            .expect("server task does not panic");
+    }
+
+    pub fn http(&self) -> String {
+        format!("http://{}", self.addrs.http.unwrap())
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws/connect?{query}", self.addrs.ws.unwrap())
+    }
+
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.addrs.tcp.unwrap()
+    }
+
+    /// A WebSocket client of `app` authenticated as `uid`, past its `connected` frame.
+    pub async fn ws(&self, app: &str, uid: &str) -> WsClient {
+        let mut c = WsClient::connect(&self.ws_url(&format!("app_id={app}&token={}", token(app, uid)))).await;
+        let hello = c.recv().await;
+        assert_eq!(hello["type"], "connected", "{hello}");
+        assert_eq!(hello["uid"], uid);
+        c
+    }
+
+    /// A TCP client of `app` authenticated as `uid`, past its `connected` frame.
+    pub async fn tcp(&self, app: &str, uid: &str) -> TcpClient {
+        let mut c = TcpClient::connect(self.tcp_addr()).await;
+        c.send_json(&json!({"type":"connect","app_id":app,"token":token(app, uid)})).await;
+        let hello = c.recv().await;
+        assert_eq!(hello["type"], "connected", "{hello}");
+        c
+    }
+
+    /// Sends a correctly signed push for `app` with body `body` (a fresh nonce is added
+    /// unless the body has one). Returns status and JSON answer.
+    pub async fn push(&self, app: &str, mut body: Value) -> (u16, Value) {
+        if body.get("nonce").is_none() {
+            body["nonce"] = json!(format!("n-{}", rand_hex()));
+        }
+        let raw = serde_json::to_vec(&body).unwrap();
+        let ts = (switchboard::protocol::now_ms() / 1000).to_string();
+        let nonce = body["nonce"].as_str().unwrap_or_default().to_string();
+        let sig = signature::sign(secret_of(app).as_bytes(), &ts, &nonce, &raw);
+        self.post_push("/api/v1/push", raw, &ts, &sig).await
+    }
+
+    pub async fn post_push(&self, path: &str, raw: Vec<u8>, ts: &str, sig: &str) -> (u16, Value) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}{path}", self.http()))
+            .header("content-type", "application/json")
+            .header(signature::TIMESTAMP_HEADER, ts)
+            .header(signature::SIGNATURE_HEADER, sig)
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = reqwest::get(format!("{}{path}", self.http())).await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let resp = reqwest::Client::new().post(format!("{}{path}", self.http())).body(body).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Connections `uid` of `app` holds on the node right now.
+    pub fn sessions_of(&self, app: &str, uid: &str) -> usize {
+        self.hub.app(app).unwrap().registry.sessions_of(uid)
+    }
+
+    /// Proves the server still serves well-behaved clients: two fresh users exchange a
+    /// message over WS and TCP and the sender gets its ack.
+    pub async fn assert_healthy(&self) {
+        let n = rand_hex();
+        let (a, b) = (format!("healthy-a-{n}"), format!("healthy-b-{n}"));
+        let mut sender = self.ws("demo", &a).await;
+        let mut receiver = self.tcp("demo", &b).await;
+        sender.send_json(&json!({"to": b, "data": {"check": n}, "client_id": "h1"})).await;
+        let ack = sender.recv().await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        assert_eq!(ack["delivered"], 1, "{ack}");
+        let msg = receiver.recv().await;
+        assert_eq!(msg["type"], "message", "{msg}");
+        assert_eq!(msg["data"]["check"], n.as_str());
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Waits (bounded by [`WAIT`]) until `cond` holds: for state the server changes
+/// asynchronously after a client-visible event, such as unregistering a closed connection.
+pub async fn wait_until(mut cond: impl FnMut() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("condition holds in time");
+}
+
+pub fn rand_hex() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{:x}{:x}", nanos, N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A WebSocket client over any stream (plain TCP or TLS).
+pub struct WsClient<S = MaybeTlsStream<TcpStream>> {
+    pub ws: WebSocketStream<S>,
+}
+
+impl WsClient {
+    pub async fn connect(url: &str) -> Self {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect in time")
+            .expect("WebSocket upgrade succeeds");
+        Self { ws }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsClient<S> {
+    pub async fn send_json(&mut self, v: &Value) {
+        self.ws.send(Message::Text(v.to_string().into())).await.unwrap();
+    }
+
+    pub async fn send(&mut self, m: Message) {
+        self.ws.send(m).await.unwrap();
+    }
+
+    /// The next text frame as JSON; pings and pongs are skipped. Panics on close or timeout.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.ws.next()).await.expect("frame in time");
+            match m {
+                Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next message of any kind, or `None` at end of stream.
+    pub async fn next_raw(&mut self) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
+        tokio::time::timeout(WAIT, self.ws.next()).await.expect("message in time")
+    }
+
+    /// Reads up to the close frame; returns its code and reason. Text frames before it
+    /// are returned too (e.g. the `error` frame that explains the close).
+    pub async fn expect_close(&mut self) -> (Vec<Value>, u16, String) {
+        let mut texts = Vec::new();
+        loop {
+            match self.next_raw().await {
+                Some(Ok(Message::Text(t))) => texts.push(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Close(Some(CloseFrame { code, reason })))) => {
+                    return (texts, code.into(), reason.to_string());
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a close frame, got {other:?} after {texts:?}"),
+            }
+        }
+    }
+
+    /// Asserts nothing but pings arrives for `d`.
+    pub async fn expect_silence(&mut self, d: Duration) {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(other) => panic!("expected silence, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// A length-prefixed JSON client.
+pub struct TcpClient {
+    pub framed: Framed<TcpStream, LengthDelimitedCodec>,
+}
+
+impl TcpClient {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        Self::from_stream(stream)
+    }
+
+    pub fn from_stream(stream: TcpStream) -> Self {
+        let codec = LengthDelimitedCodec::builder().length_field_length(4).max_frame_length(16 << 20).new_codec();
+        Self { framed: Framed::new(stream, codec) }
+    }
+
+    pub async fn send_json(&mut self, v: &Value) {
+        self.framed.send(Bytes::from(v.to_string())).await.unwrap();
+    }
+
+    pub async fn send_bytes(&mut self, b: &'static [u8]) {
+        self.framed.send(Bytes::from_static(b)).await.unwrap();
+    }
+
+    /// The next frame as JSON; server `ping` frames are skipped.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let v = self.recv_any().await;
+            if v["type"] != "ping" {
+                return v;
+            }
+        }
+    }
+
+    /// The next frame as JSON, pings included.
+    pub async fn recv_any(&mut self) -> Value {
+        let frame = tokio::time::timeout(WAIT, self.framed.next())
+            .await
+            .expect("frame in time")
+            .expect("connection open")
+            .expect("frame reads");
+        serde_json::from_slice(&frame).unwrap()
+    }
+
+    /// Asserts the server closes the connection (after any frames, which are returned).
+    pub async fn expect_eof(&mut self) -> Vec<Value> {
+        let mut frames = Vec::new();
+        loop {
+            match tokio::time::timeout(WAIT, self.framed.next()).await.expect("close in time") {
+                None | Some(Err(_)) => return frames,
+                Some(Ok(f)) => frames.push(serde_json::from_slice(&f).unwrap()),
+            }
+        }
+    }
+}

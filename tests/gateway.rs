@@ -1,0 +1,319 @@
+//! The gateway as a client sees it: connect, send, receive, devices, heartbeat, limits,
+//! shutdown. Real server, real WebSocket and TCP clients.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn ws_to_tcp_direct_message_with_ack() {
+    let s = TestServer::spawn().await;
+    let mut alice = s.ws("demo", "alice").await;
+    let mut bob = s.tcp("demo", "bob").await;
+
+    alice.send_json(&json!({"type":"send","to":"bob","data":{"text":"hi bob"},"client_id":"c-1"})).await;
+    let ack = alice.recv().await;
+    assert_eq!(ack["type"], "ack");
+    assert_eq!(ack["client_id"], "c-1");
+    assert_eq!(ack["status"], "delivered");
+    assert_eq!(ack["delivered"], 1);
+
+    let msg = bob.recv().await;
+    assert_eq!(msg["type"], "message");
+    assert_eq!(msg["from"], "alice");
+    assert_eq!(msg["to"], "bob");
+    assert_eq!(msg["event"], 1);
+    assert_eq!(msg["data"], json!({"text":"hi bob"}));
+    assert_eq!(msg["msg_id"], ack["msg_id"]);
+    let now = switchboard::protocol::now_ms();
+    let send_at = msg["send_at"].as_u64().unwrap();
+    assert!(send_at <= now && now - send_at < 10_000, "send_at is in milliseconds: {send_at}");
+    let conv = msg["conversation_id"].as_str().unwrap();
+    assert!(conv.starts_with("d:") && conv.len() == 34, "{conv}");
+
+    // The reply travels the other way in the same conversation.
+    bob.send_json(&json!({"to":"alice","data":"hello back"})).await;
+    assert_eq!(bob.recv().await["type"], "ack");
+    let reply = alice.recv().await;
+    assert_eq!(reply["data"], "hello back");
+    assert_eq!(reply["conversation_id"], conv);
+}
+
+#[tokio::test]
+async fn connected_frame_describes_the_session() {
+    let s = TestServer::with(|c| {
+        c.heartbeat.ping_interval = Duration::from_secs(7);
+        c.heartbeat.idle_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let mut c = WsClient::connect(&s.ws_url(&format!("app_id=demo&token={}", token("demo", "zoe")))).await;
+    let hello = c.recv().await;
+    assert_eq!(hello["type"], "connected");
+    assert_eq!(hello["uid"], "zoe");
+    assert_eq!(hello["node_id"], "test-node");
+    assert_eq!(hello["ping_interval_ms"], 7000);
+    assert_eq!(hello["idle_timeout_ms"], 20000);
+    assert!(hello["conn_id"].as_str().is_some_and(|s| !s.is_empty()));
+}
+
+#[tokio::test]
+async fn every_device_of_a_user_receives() {
+    let s = TestServer::spawn().await;
+    let mut phone = s.ws("demo", "carol").await;
+    let mut laptop = s.tcp("demo", "carol").await;
+    let mut tab = s.ws("demo", "carol").await;
+    let mut dave = s.ws("demo", "dave").await;
+
+    dave.send_json(&json!({"to":"carol","data":{"n":1}})).await;
+    let ack = dave.recv().await;
+    assert_eq!(ack["delivered"], 3, "{ack}");
+    let ids: Vec<_> = [phone.recv().await, laptop.recv().await, tab.recv().await]
+        .into_iter()
+        .map(|m| m["msg_id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(ids.iter().all(|id| *id == ids[0]), "same message on every device: {ids:?}");
+
+    // One device leaves; the others keep receiving.
+    drop(tab);
+    wait_until(|| s.sessions_of("demo", "carol") == 2).await;
+    dave.send_json(&json!({"to":"carol","data":{"n":2}})).await;
+    assert_eq!(dave.recv().await["delivered"], 2);
+    assert_eq!(phone.recv().await["data"]["n"], 2);
+    assert_eq!(laptop.recv().await["data"]["n"], 2);
+}
+
+#[tokio::test]
+async fn offline_recipient_is_reported_not_faked() {
+    let s = TestServer::spawn().await;
+    let mut alice = s.ws("demo", "alice").await;
+    alice.send_json(&json!({"to":"nobody-here","data":1,"client_id":"x"})).await;
+    let ack = alice.recv().await;
+    assert_eq!(ack["type"], "ack");
+    assert_eq!(ack["status"], "offline");
+    assert_eq!(ack["delivered"], 0);
+    assert!(ack["msg_id"].as_str().is_some());
+}
+
+#[tokio::test]
+async fn apps_are_isolated() {
+    let s = TestServer::spawn().await;
+    let mut alice = s.ws("demo", "alice").await;
+    let mut bob_other = s.ws("other", "bob").await;
+
+    // alice (demo) sends to "bob": the only bob online is in app "other".
+    alice.send_json(&json!({"to":"bob","data":"secret"})).await;
+    let ack = alice.recv().await;
+    assert_eq!(ack["status"], "offline", "{ack}");
+    bob_other.expect_silence(Duration::from_millis(300)).await;
+
+    // A push to demo never reaches other's bob either.
+    let (status, body) = s.push("demo", json!({"app_key":"demo","send_to":"bob","message":"x"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["results"][0]["status"], "offline");
+    bob_other.expect_silence(Duration::from_millis(200)).await;
+
+    // Within app "other", bob is reachable.
+    let mut carol_other = s.ws("other", "carol").await;
+    carol_other.send_json(&json!({"to":"bob","data":"hi"})).await;
+    assert_eq!(carol_other.recv().await["delivered"], 1);
+    assert_eq!(bob_other.recv().await["data"], "hi");
+}
+
+#[tokio::test]
+async fn ping_pong_and_server_pings() {
+    let s = TestServer::with(|c| {
+        c.heartbeat.ping_interval = Duration::from_millis(150);
+        c.heartbeat.idle_timeout = Duration::from_millis(2000);
+    })
+    .await;
+    let mut tcp = s.tcp("demo", "t").await;
+    tcp.send_json(&json!({"type":"ping"})).await;
+    assert_eq!(tcp.recv().await, json!({"type":"pong"}));
+    // The server pings a TCP client with a JSON frame.
+    assert_eq!(tcp.recv_any().await, json!({"type":"ping"}));
+
+    // ... and a WebSocket client with protocol pings.
+    let mut ws = s.ws("demo", "w").await;
+    let got_ping = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(Ok(Message::Ping(_))) = ws.next_raw().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(got_ping.is_ok(), "WS client receives protocol pings");
+}
+
+#[tokio::test]
+async fn idle_connection_is_closed_but_an_answering_one_stays() {
+    let s = TestServer::with(|c| {
+        c.heartbeat.ping_interval = Duration::from_millis(100);
+        c.heartbeat.idle_timeout = Duration::from_millis(400);
+    })
+    .await;
+    // A WS client that keeps reading answers pings automatically and stays.
+    let mut ws = s.ws("demo", "reader").await;
+    ws.expect_silence(Duration::from_millis(1200)).await;
+    assert_eq!(s.sessions_of("demo", "reader"), 1);
+
+    // A TCP client that answers pings with pongs stays...
+    let mut tcp = s.tcp("demo", "answering").await;
+    let until = tokio::time::Instant::now() + Duration::from_millis(1200);
+    while tokio::time::Instant::now() < until {
+        let f = tcp.recv_any().await;
+        assert_eq!(f["type"], "ping", "{f}");
+        tcp.send_json(&json!({"type":"pong"})).await;
+    }
+    assert_eq!(s.sessions_of("demo", "answering"), 1);
+
+    // ... until it stops answering.
+    let frames = tcp.expect_eof().await;
+    let last = frames.last().expect("an error frame before the close");
+    assert_eq!(last["code"], "idle_timeout", "{frames:?}");
+    assert_eq!(last["fatal"], true);
+    s.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn rate_limit_drops_frames_and_keeps_the_connection() {
+    let s = TestServer::with(|c| {
+        c.limits.messages_per_second = 1;
+        c.limits.message_burst = 2;
+    })
+    .await;
+    let mut a = s.ws("demo", "spammer").await;
+    for i in 0..3 {
+        a.send_json(&json!({"to":"x","data":i,"client_id":format!("m{i}")})).await;
+    }
+    assert_eq!(a.recv().await["type"], "ack");
+    assert_eq!(a.recv().await["type"], "ack");
+    let err = a.recv().await;
+    assert_eq!(err["type"], "error");
+    assert_eq!(err["code"], "rate_limited");
+    assert_eq!(err["client_id"], "m2");
+    assert!(err.get("fatal").is_none());
+    // The connection is still usable.
+    a.send_json(&json!({"type":"ping"})).await;
+    assert_eq!(a.recv().await["type"], "pong");
+}
+
+#[tokio::test]
+async fn connection_limits() {
+    let s = TestServer::with(|c| {
+        c.limits.max_connections = 3;
+        c.limits.max_connections_per_user = 2;
+    })
+    .await;
+    let _a1 = s.ws("demo", "a").await;
+    let _a2 = s.ws("demo", "a").await;
+
+    // A third device of the same user is refused.
+    let mut a3 = WsClient::connect(&s.ws_url(&format!("app_id=demo&token={}", token("demo", "a")))).await;
+    let (frames, code, reason) = a3.expect_close().await;
+    assert_eq!((code, reason.as_str()), (1013, "too_many_devices"));
+    assert_eq!(frames[0]["code"], "too_many_devices");
+    drop(a3);
+    wait_until(|| s.hub.connections() == 2).await;
+
+    let _b = s.tcp("demo", "b").await;
+    // The node is full: a WebSocket upgrade gets 503 and a JSON body ...
+    let url = s.ws_url(&format!("app_id=demo&token={}", token("demo", "c")));
+    match tokio_tungstenite::connect_async(&url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503);
+            let body: serde_json::Value = serde_json::from_slice(resp.body().as_deref().unwrap()).unwrap();
+            assert_eq!(body["error"]["code"], "too_many_connections");
+        }
+        other => panic!("expected HTTP 503, got {:?}", other.map(|_| ())),
+    }
+    // ... and a TCP client an error frame.
+    let mut c = TcpClient::connect(s.tcp_addr()).await;
+    let frames = c.expect_eof().await;
+    assert_eq!(frames[0]["code"], "too_many_connections");
+}
+
+#[tokio::test]
+async fn wrong_path_is_404_before_upgrade() {
+    let s = TestServer::spawn().await;
+    let url = format!("ws://{}/nope", s.addrs.ws.unwrap());
+    match tokio_tungstenite::connect_async(&url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 404),
+        other => panic!("expected HTTP 404, got {:?}", other.map(|_| ())),
+    }
+    s.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_tells_clients_to_reconnect() {
+    let s = TestServer::spawn().await;
+    let mut ws = s.ws("demo", "alice").await;
+    let mut tcp = s.tcp("demo", "bob").await;
+    let (ws_addr, http) = (s.addrs.ws.unwrap(), s.http());
+    s.shutdown().await;
+
+    let (frames, code, reason) = ws.expect_close().await;
+    assert_eq!(frames[0]["type"], "reconnect", "{frames:?}");
+    assert_eq!(frames[0]["reason"], "server_shutdown");
+    assert!(frames[0]["delay_ms"].as_u64().unwrap() < 1000, "delay is below shutdown.reconnect_jitter");
+    assert_eq!((code, reason.as_str()), (1001, "server_shutdown"));
+
+    let frames = tcp.expect_eof().await;
+    assert_eq!(frames[0]["type"], "reconnect", "{frames:?}");
+    assert_eq!(frames[1]["code"], "server_shutdown");
+
+    // Nothing listens any more.
+    assert!(tokio::net::TcpStream::connect(ws_addr).await.is_err());
+    assert!(reqwest::get(format!("{http}/healthz")).await.is_err());
+}
+
+#[tokio::test]
+async fn slow_reader_is_disconnected_and_never_stalls_others() {
+    let s = TestServer::with(|c| {
+        c.limits.outbound_queue = 8;
+        c.limits.messages_per_second = 1_000_000;
+        c.limits.message_burst = 1_000_000;
+        c.limits.write_timeout = Duration::from_secs(2);
+    })
+    .await;
+
+    // "slow" connects over TCP with a tiny receive buffer and then never reads.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(s.tcp_addr()).await.unwrap();
+    let mut slow = TcpClient::from_stream(stream);
+    slow.send_json(&json!({"type":"connect","app_id":"demo","token":token("demo","slow")})).await;
+    assert_eq!(slow.recv().await["type"], "connected");
+
+    let mut flooder = s.ws("demo", "flooder").await;
+    let mut carol = s.ws("demo", "carol").await;
+    let mut dave = s.ws("demo", "dave").await;
+
+    let big = "x".repeat(32 * 1024);
+    let mut kicked_after = None;
+    for i in 0..2000 {
+        flooder.send_json(&json!({"to":"slow","data":big})).await;
+        let ack = flooder.recv().await;
+        // Meanwhile other users' traffic flows normally.
+        if i % 50 == 0 {
+            carol.send_json(&json!({"to":"dave","data":{"i":i}})).await;
+            assert_eq!(carol.recv().await["delivered"], 1);
+            assert_eq!(dave.recv().await["data"]["i"], i, "dave receives while slow is stuck");
+        }
+        if ack["status"] == "offline" {
+            kicked_after = Some(i);
+            break;
+        }
+    }
+    let kicked_after = kicked_after.expect("the slow reader is disconnected");
+    wait_until(|| s.sessions_of("demo", "slow") == 0).await;
+    assert!(kicked_after > 8, "not before its queue and socket buffers filled: {kicked_after}");
+
+    // What "slow" finally reads ends with the connection closed.
+    let _ = slow.expect_eof().await;
+    s.assert_healthy().await;
+}
