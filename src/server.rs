@@ -107,7 +107,16 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         let Server { hub, addrs, http, https, tcp, ws, wss, tls } = self;
         let node = hub.node();
-        info!(node_id = %node.id, http = ?addrs.http, https = ?addrs.https, tcp = ?addrs.tcp, ws = ?addrs.ws, wss = ?addrs.wss, "switchboard listening");
+        let show = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
+        info!(
+            node_id = %node.id,
+            http = %show(addrs.http),
+            https = %show(addrs.https),
+            tcp = %show(addrs.tcp),
+            ws = %show(addrs.ws),
+            wss = %show(addrs.wss),
+            "switchboard listening"
+        );
         info!(tcp_addr = %node.external.tcp_addr, ws_addr = %node.external.ws_addr, wss_addr = %node.external.wss_addr, "advertising to clients");
         for w in &node.warnings {
             warn!("{w}");
