@@ -87,68 +87,85 @@ pub struct AdvertiseConfig {
     pub wss_addr: Option<String>,
 }
 
+/// The sockets a node listens on. Every key of every listener is optional.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(from = "RawListeners")]
 pub struct Listeners {
-    /// HTTP API: route, push, version, health.
+    /// HTTP API: route, push, version, health (default port 5001).
     pub http: Listener,
-    /// HTTP API over TLS, for pages served over HTTPS. On by default when `[tls]` is set.
+    /// HTTP API over TLS, for pages served over HTTPS (default port 5443).
     pub https: TlsListener,
-    /// Length-prefixed JSON frames over plain TCP.
+    /// Length-prefixed JSON frames over plain TCP (default port 5100).
     pub tcp: Listener,
-    /// WebSocket.
+    /// WebSocket (default port 5200).
     pub ws: Listener,
-    /// WebSocket over TLS. On by default when `[tls]` is set.
+    /// WebSocket over TLS (default port 5300).
     pub wss: TlsListener,
 }
 
 impl Default for Listeners {
     fn default() -> Self {
-        Self {
-            http: Listener::on(5001),
-            https: TlsListener::on(5443),
-            tcp: Listener::on(5100),
-            ws: Listener::on(5200),
-            wss: TlsListener::on(5300),
-        }
+        RawListeners::default().into()
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct Listener {
     /// Whether the listener is started; a disabled listener advertises `""`.
-    #[serde(default = "yes")]
     pub enabled: bool,
     /// Socket address to bind. Port 0 picks a free port (tests).
     pub bind: SocketAddr,
 }
 
-impl Listener {
-    fn on(port: u16) -> Self {
-        Self { enabled: true, bind: SocketAddr::from(([0, 0, 0, 0], port)) }
-    }
-}
-
 /// A listener that needs `[tls]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct TlsListener {
     /// `true`/`false` to force; absent means "on when `[tls]` is configured".
-    #[serde(default)]
     pub enabled: Option<bool>,
-    /// Socket address to bind.
     pub bind: SocketAddr,
 }
 
-impl TlsListener {
-    fn on(port: u16) -> Self {
-        Self { enabled: None, bind: SocketAddr::from(([0, 0, 0, 0], port)) }
+/// The TOML form: every key optional, defaults filled in per listener.
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawListeners {
+    http: RawListener,
+    https: RawListener,
+    tcp: RawListener,
+    ws: RawListener,
+    wss: RawListener,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawListener {
+    enabled: Option<bool>,
+    bind: Option<SocketAddr>,
+}
+
+impl RawListener {
+    fn plain(self, port: u16) -> Listener {
+        Listener {
+            enabled: self.enabled.unwrap_or(true),
+            bind: self.bind.unwrap_or(SocketAddr::from(([0, 0, 0, 0], port))),
+        }
+    }
+
+    fn tls(self, port: u16) -> TlsListener {
+        TlsListener { enabled: self.enabled, bind: self.bind.unwrap_or(SocketAddr::from(([0, 0, 0, 0], port))) }
     }
 }
 
-fn yes() -> bool {
-    true
+impl From<RawListeners> for Listeners {
+    fn from(raw: RawListeners) -> Self {
+        Self {
+            http: raw.http.plain(5001),
+            https: raw.https.tls(5443),
+            tcp: raw.tcp.plain(5100),
+            ws: raw.ws.plain(5200),
+            wss: raw.wss.tls(5300),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -175,6 +192,9 @@ pub struct Limits {
     /// Frames waiting to be written to one connection; when full the client is too slow and
     /// is disconnected rather than allowed to hold memory or stall senders.
     pub outbound_queue: usize,
+    /// Bytes waiting to be written to one connection; the same slow-consumer rule applies.
+    /// A single frame must fit, so this is at least twice the largest frame or push body.
+    pub outbound_queue_bytes: usize,
     /// A single flush to a client may take this long before the client counts as stuck.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
@@ -184,6 +204,11 @@ pub struct Limits {
     pub message_burst: u32,
     /// Largest HTTP request body the API reads, in bytes.
     pub max_http_body_bytes: usize,
+    /// Concurrent connections per HTTP/HTTPS listener; more are closed at once.
+    pub max_http_connections: usize,
+    /// Time an HTTP request may take to be read and answered.
+    #[serde(with = "humantime_serde")]
+    pub http_request_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -194,10 +219,13 @@ impl Default for Limits {
             max_connections_per_user: 16,
             connect_timeout: Duration::from_secs(10),
             outbound_queue: 1024,
+            outbound_queue_bytes: 8 * 1024 * 1024,
             write_timeout: Duration::from_secs(10),
             messages_per_second: 100,
             message_burst: 200,
             max_http_body_bytes: 1024 * 1024,
+            max_http_connections: 10_000,
+            http_request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -385,6 +413,20 @@ impl Config {
             }
         }
 
+        let mut secrets: Vec<(&str, &str)> = self.apps.iter().map(|(id, a)| (a.secret.as_str(), id.as_str())).collect();
+        secrets.sort();
+        for pair in secrets.windows(2) {
+            if pair[0].0 == pair[1].0 {
+                problem(
+                    &format!("apps.{}.secret", pair[1].1),
+                    format!(
+                        "is the same as apps.{}.secret; each app needs its own secret, or its tokens and pushes would be valid for the other",
+                        pair[0].1
+                    ),
+                );
+            }
+        }
+
         if let Some(id) = &self.node.id
             && !valid_node_id(id)
         {
@@ -469,6 +511,16 @@ impl Config {
         if l.outbound_queue == 0 {
             problem("limits.outbound_queue", "must be at least 1".into());
         }
+        let largest = l.max_frame_bytes.max(l.max_http_body_bytes);
+        if l.outbound_queue_bytes < 2 * largest {
+            problem(
+                "limits.outbound_queue_bytes",
+                format!(
+                    "must be at least twice the larger of max_frame_bytes and max_http_body_bytes ({})",
+                    2 * largest
+                ),
+            );
+        }
         if l.write_timeout.is_zero() {
             problem("limits.write_timeout", "must be more than 0s".into());
         }
@@ -477,6 +529,12 @@ impl Config {
         }
         if l.message_burst == 0 {
             problem("limits.message_burst", "must be at least 1".into());
+        }
+        if l.max_http_connections == 0 {
+            problem("limits.max_http_connections", "must be at least 1".into());
+        }
+        if l.http_request_timeout.is_zero() {
+            problem("limits.http_request_timeout", "must be more than 0s".into());
         }
         if l.max_http_body_bytes < 1024 {
             problem("limits.max_http_body_bytes", "must be at least 1024".into());
@@ -555,6 +613,23 @@ mod tests {
         let Err(ConfigError::Invalid(problems)) = text.parse::<Config>() else { panic!() };
         assert_eq!(problems[0].key, "listeners.ws.bind");
         assert!(problems[0].message.contains("listeners.tcp"));
+    }
+
+    #[test]
+    fn listener_tables_need_no_bind() {
+        let c: Config = format!("{MIN}[listeners.tcp]\nenabled = false\n[listeners.ws]\nbind = \"127.0.0.1:9000\"\n")
+            .parse()
+            .unwrap();
+        assert!(!c.listeners.tcp.enabled);
+        assert_eq!(c.listeners.tcp.bind.port(), 5100);
+        assert!(c.listeners.ws.enabled);
+    }
+
+    #[test]
+    fn apps_may_not_share_a_secret() {
+        let text = "[apps.a]\nsecret = \"0123456789abcdef\"\n[apps.b]\nsecret = \"0123456789abcdef\"\n";
+        let Err(ConfigError::Invalid(problems)) = text.parse::<Config>() else { panic!() };
+        assert_eq!(problems[0].key, "apps.b.secret");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Secret;
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::nonce::NonceStore;
 use crate::cluster::{Addrs, NodeInfo};
@@ -22,7 +23,7 @@ use crate::registry::Registry;
 #[derive(Debug)]
 pub struct App {
     pub id: String,
-    secret: Vec<u8>,
+    secret: Secret,
     jwt: JwtVerifier,
     pub registry: Registry,
     pub nonces: Mutex<NonceStore>,
@@ -30,7 +31,7 @@ pub struct App {
 
 impl App {
     pub fn secret(&self) -> &[u8] {
-        &self.secret
+        self.secret.expose()
     }
 }
 
@@ -41,6 +42,8 @@ pub struct Sent {
     pub send_at: u64,
     /// Connections the message was handed to.
     pub delivered: usize,
+    /// Connections of the recipient that were too slow to take it (and are being closed).
+    pub dropped: usize,
 }
 
 /// Per-recipient result of a push.
@@ -48,6 +51,7 @@ pub struct Sent {
 pub struct Recipient {
     pub uid: String,
     pub connections: usize,
+    pub dropped: usize,
 }
 
 /// A set of users and the node they should connect to.
@@ -67,6 +71,9 @@ pub struct Hub {
     connections: AtomicUsize,
     next_conn_id: AtomicU64,
     shutdown: CancellationToken,
+    /// Unix seconds when this node started: pushes signed earlier are refused, because the
+    /// nonces that protected them from replay were not remembered across the restart.
+    started_secs: u64,
 }
 
 /// Holds one slot of `limits.max_connections` while a connection lives.
@@ -89,9 +96,9 @@ impl Hub {
             .map(|(id, app)| {
                 let app = App {
                     id: id.clone(),
-                    secret: app.secret.as_bytes().to_vec(),
+                    secret: Secret::new(app.secret.as_bytes()),
                     jwt: JwtVerifier::new(app.secret.as_bytes(), app.token_leeway),
-                    registry: Registry::default(),
+                    registry: Registry::new(config.limits.outbound_queue_bytes),
                     nonces: Mutex::new(NonceStore::new(config.push.nonce_capacity)),
                 };
                 (id.clone(), Arc::new(app))
@@ -105,7 +112,12 @@ impl Hub {
             connections: AtomicUsize::new(0),
             next_conn_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
+            started_secs: now_ms() / 1000,
         })
+    }
+
+    pub fn started_secs(&self) -> u64 {
+        self.started_secs
     }
 
     pub fn config(&self) -> &Config {
@@ -172,8 +184,8 @@ impl Hub {
             send_at,
             conversation_id: &conversation,
         });
-        let delivered = app.registry.deliver(to, &frame).sessions;
-        Sent { msg_id, send_at, delivered }
+        let d = app.registry.deliver(to, &frame);
+        Sent { msg_id, send_at, delivered: d.sessions, dropped: d.dropped }
     }
 
     /// Delivers one pushed message to each recipient; one `msg_id` for all of them.
@@ -199,7 +211,8 @@ impl Hub {
                     send_at,
                     conversation_id: &conversation,
                 });
-                Recipient { uid: to.clone(), connections: app.registry.deliver(to, &frame).sessions }
+                let d = app.registry.deliver(to, &frame);
+                Recipient { uid: to.clone(), connections: d.sessions, dropped: d.dropped }
             })
             .collect();
         (msg_id, send_at, results)

@@ -8,11 +8,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
-use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::sync::{Notify, mpsc};
 
-use crate::protocol::ErrorCode;
+use crate::protocol::{ErrorCode, Frame};
 
 /// Out-of-band control of one session: anyone holding a handle can ask it to close with a
 /// reason, even when its outbound queue is full.
@@ -21,6 +20,8 @@ pub struct SessionControl {
     /// 0 = not kicked; otherwise an index into [`KICK_REASONS`] plus one.
     reason: AtomicU8,
     notify: Notify,
+    /// Bytes of frames sitting in the session's outbound queue.
+    queued_bytes: AtomicUsize,
 }
 
 const KICK_REASONS: [ErrorCode; 3] = [ErrorCode::SlowConsumer, ErrorCode::ServerShutdown, ErrorCode::Internal];
@@ -45,6 +46,15 @@ impl SessionControl {
         }
     }
 
+    /// The session took `frame` off its queue.
+    pub fn dequeued(&self, frame: &Frame) {
+        self.queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
     pub fn reason(&self) -> Option<ErrorCode> {
         match self.reason.load(Ordering::Acquire) {
             0 => None,
@@ -57,7 +67,7 @@ impl SessionControl {
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
     pub conn_id: u64,
-    pub tx: mpsc::Sender<Bytes>,
+    pub tx: mpsc::Sender<Frame>,
     pub control: Arc<SessionControl>,
 }
 
@@ -71,13 +81,19 @@ pub struct Delivered {
 }
 
 /// The sessions of one app on this node.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
     users: DashMap<Box<str>, Vec<SessionHandle>>,
     sessions: AtomicUsize,
+    /// Queued bytes one session may hold before it counts as a slow consumer.
+    max_queued_bytes: usize,
 }
 
 impl Registry {
+    pub fn new(max_queued_bytes: usize) -> Self {
+        Self { users: DashMap::new(), sessions: AtomicUsize::new(0), max_queued_bytes }
+    }
+
     /// Adds a session for `uid`, unless the user already holds `max_per_user` sessions.
     pub fn register(&self, uid: &str, handle: SessionHandle, max_per_user: usize) -> Result<(), ErrorCode> {
         let mut entry = self.users.entry(uid.into()).or_default();
@@ -101,19 +117,31 @@ impl Registry {
     }
 
     /// Offers `frame` to every session of `uid` without waiting: a session whose queue is
-    /// full is kicked as a slow consumer, so one stuck reader never delays anyone else.
-    pub fn deliver(&self, uid: &str, frame: &Bytes) -> Delivered {
+    /// full (in frames or in bytes) is kicked as a slow consumer, so one stuck reader never
+    /// delays anyone else.
+    pub fn deliver(&self, uid: &str, frame: &Frame) -> Delivered {
         let mut out = Delivered::default();
         let Some(sessions) = self.users.get(uid) else { return out };
         for s in sessions.iter() {
-            match s.tx.try_send(frame.clone()) {
+            let queued = s.control.queued_bytes.fetch_add(frame.len(), Ordering::Relaxed) + frame.len();
+            let result = if queued > self.max_queued_bytes {
+                Err(mpsc::error::TrySendError::Full(()))
+            } else {
+                s.tx.try_send(frame.clone()).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => mpsc::error::TrySendError::Full(()),
+                    mpsc::error::TrySendError::Closed(_) => mpsc::error::TrySendError::Closed(()),
+                })
+            };
+            match result {
                 Ok(()) => out.sessions += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    s.control.kick(ErrorCode::SlowConsumer);
-                    out.dropped += 1;
+                Err(e) => {
+                    s.control.queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
+                    // A closed queue: the session is on its way out and unregisters itself.
+                    if matches!(e, mpsc::error::TrySendError::Full(())) {
+                        s.control.kick(ErrorCode::SlowConsumer);
+                        out.dropped += 1;
+                    }
                 }
-                // The session is on its way out and will unregister itself.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
         out
@@ -143,20 +171,20 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn handle(id: u64, cap: usize) -> (SessionHandle, mpsc::Receiver<Bytes>) {
+    fn handle(id: u64, cap: usize) -> (SessionHandle, mpsc::Receiver<Frame>) {
         let (tx, rx) = mpsc::channel(cap);
         (SessionHandle { conn_id: id, tx, control: Arc::default() }, rx)
     }
 
     #[test]
     fn every_device_receives_and_full_queue_is_kicked() {
-        let r = Registry::default();
+        let r = Registry::new(1 << 20);
         let (a, mut ra) = handle(1, 4);
         let (b, _rb) = handle(2, 1);
         let b_control = b.control.clone();
         r.register("u", a, 4).unwrap();
         r.register("u", b, 4).unwrap();
-        let frame = Bytes::from_static(b"x");
+        let frame = Frame::from_static("x");
         assert_eq!(r.deliver("u", &frame), Delivered { sessions: 2, dropped: 0 });
         assert_eq!(r.deliver("u", &frame), Delivered { sessions: 1, dropped: 1 });
         assert_eq!(b_control.reason(), Some(ErrorCode::SlowConsumer));
@@ -166,7 +194,7 @@ mod tests {
 
     #[test]
     fn per_user_limit_and_unregister() {
-        let r = Registry::default();
+        let r = Registry::new(1 << 20);
         r.register("u", handle(1, 1).0, 2).unwrap();
         r.register("u", handle(2, 1).0, 2).unwrap();
         assert_eq!(r.register("u", handle(3, 1).0, 2), Err(ErrorCode::TooManyDevices));
@@ -174,6 +202,21 @@ mod tests {
         r.unregister("u", 1);
         r.unregister("u", 2);
         assert_eq!((r.len(), r.users()), (0, 0));
+    }
+
+    #[test]
+    fn byte_budget_counts_as_full() {
+        let r = Registry::new(10);
+        let (a, mut ra) = handle(1, 100);
+        let control = a.control.clone();
+        r.register("u", a, 1).unwrap();
+        let frame = Frame::from_static("123456");
+        assert_eq!(r.deliver("u", &frame).sessions, 1);
+        assert_eq!(r.deliver("u", &frame), Delivered { sessions: 0, dropped: 1 }, "12 bytes > 10");
+        assert_eq!(control.reason(), Some(ErrorCode::SlowConsumer));
+        let got = ra.try_recv().unwrap();
+        control.dequeued(&got);
+        assert_eq!(control.queued_bytes(), 0);
     }
 
     #[tokio::test]

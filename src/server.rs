@@ -11,9 +11,11 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::api::{self, serve::HttpLimits};
 use crate::cluster::{self, Bound, NodeIdError, NodeInfo};
 use crate::config::Config;
 use crate::hub::Hub;
@@ -77,6 +79,7 @@ impl Server {
             Some(t) => Some(TlsAcceptor::from(tls::load(&config.resolve(&t.cert), &config.resolve(&t.key))?)),
             None => None,
         };
+        let id = cluster::node_id(&config)?;
         let l = &config.listeners;
         let http = bind("listeners.http.bind", l.http.enabled, l.http.bind).await?;
         let https = bind("listeners.https.bind", config.https_enabled(), l.https.bind).await?;
@@ -86,7 +89,6 @@ impl Server {
         let addrs =
             LocalAddrs { http: local(&http), https: local(&https), tcp: local(&tcp), ws: local(&ws), wss: local(&wss) };
 
-        let id = cluster::node_id(&config)?;
         let (external, intranet, warnings) =
             cluster::advertise(&config, &Bound { tcp: addrs.tcp, ws: addrs.ws, wss: addrs.wss });
         let node = NodeInfo { id, external, intranet, warnings };
@@ -122,50 +124,54 @@ impl Server {
             warn!("{w}");
         }
 
-        let tracker = TaskTracker::new();
-        let stop = hub.shutdown_token().clone();
+        // Client listeners and sessions stop first; the HTTP API stays up while they drain
+        // (so /healthz can say 503) and stops last.
+        let clients = TaskTracker::new();
+        let stop_clients = hub.shutdown_token().clone();
+        let stop_http = CancellationToken::new();
+        let http_tasks = TaskTracker::new();
         let router = crate::api::router(hub.clone());
-        if let Some(listener) = http {
-            let serve = axum::serve(listener, router.clone()).with_graceful_shutdown(stop.clone().cancelled_owned());
-            tracker.spawn(async move {
-                if let Err(e) = serve.await {
-                    warn!(error = %e, "HTTP API stopped");
-                }
-            });
-        }
-        if let (Some(listener), Some(acceptor)) = (https, tls.clone()) {
-            let listener = tls::HttpsListener::new(listener, acceptor, &hub, tracker.clone()).map_err(|source| {
-                StartError::Bind {
-                    key: "listeners.https.bind",
-                    addr: addrs.https.unwrap_or(([0, 0, 0, 0], 0).into()),
-                    source,
-                }
-            })?;
-            let serve = axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned());
-            tracker.spawn(async move {
-                if let Err(e) = serve.await {
-                    warn!(error = %e, "HTTPS API stopped");
-                }
-            });
+        let limits = &hub.config().limits;
+        let http_limits = HttpLimits {
+            max_connections: limits.max_http_connections,
+            handshake_timeout: limits.connect_timeout,
+            request_timeout: limits.http_request_timeout,
+        };
+        let grace = hub.config().shutdown.grace;
+        for (listener, tls) in [(http, None), (https, tls.clone())] {
+            if let Some(listener) = listener {
+                http_tasks.spawn(api::serve::serve(
+                    listener,
+                    tls,
+                    router.clone(),
+                    http_limits,
+                    stop_http.clone(),
+                    grace,
+                ));
+            }
         }
         if let Some(listener) = tcp {
-            tracker.spawn(tcp::accept_loop(listener, hub.clone(), tracker.clone()));
+            clients.spawn(tcp::accept_loop(listener, hub.clone(), clients.clone()));
         }
         if let Some(listener) = ws {
-            tracker.spawn(ws::accept_loop(listener, hub.clone(), tracker.clone()));
+            clients.spawn(ws::accept_loop(listener, hub.clone(), clients.clone()));
         }
         if let (Some(listener), Some(acceptor)) = (wss, tls) {
-            tracker.spawn(tls::accept_loop_wss(listener, acceptor, hub.clone(), tracker.clone()));
+            clients.spawn(tls::accept_loop_wss(listener, acceptor, hub.clone(), clients.clone()));
         }
 
         shutdown.await;
-        let grace = hub.config().shutdown.grace;
         info!(connections = hub.connections(), ?grace, "shutting down: telling clients to reconnect");
-        stop.cancel();
-        tracker.close();
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        let started = tokio::time::Instant::now();
+        stop_clients.cancel();
+        clients.close();
+        if tokio::time::timeout(grace, clients.wait()).await.is_err() {
             warn!(remaining = hub.connections(), "grace period over; closing the rest");
         }
+        stop_http.cancel();
+        http_tasks.close();
+        let left = grace.saturating_sub(started.elapsed()).max(std::time::Duration::from_secs(1));
+        let _ = tokio::time::timeout(left, http_tasks.wait()).await;
         info!("stopped");
         Ok(())
     }

@@ -6,6 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
+
 use std::time::Duration;
 
 use common::*;
@@ -134,51 +135,58 @@ async fn push_command_signs_and_reports() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("signature_invalid"));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// The address after `key=` in the "switchboard listening" log line.
+fn logged_addr(line: &str, key: &str) -> String {
+    let start = line.find(&format!(" {key}=")).unwrap_or_else(|| panic!("{key} in {line}")) + key.len() + 2;
+    line[start..].split_whitespace().next().unwrap().to_string()
 }
 
 #[tokio::test]
 async fn serve_runs_until_sigterm_and_sends_reconnect() {
     let dir = tempfile::tempdir().unwrap();
-    let (http, tcp, ws) = (free_port(), free_port(), free_port());
     let cfg = write(
         dir.path(),
         "serve.toml",
         &format!(
-            "[node]\ndata_dir = \"state\"\n[listeners.http]\nbind = \"127.0.0.1:{http}\"\n\
-             [listeners.tcp]\nbind = \"127.0.0.1:{tcp}\"\n[listeners.ws]\nbind = \"127.0.0.1:{ws}\"\n\
+            "[node]\ndata_dir = \"state\"\n[listeners.http]\nbind = \"127.0.0.1:0\"\n\
+             [listeners.tcp]\nbind = \"127.0.0.1:0\"\n[listeners.ws]\nbind = \"127.0.0.1:0\"\n\
              [shutdown]\ngrace = \"3s\"\nreconnect_jitter = \"100ms\"\n\
              [apps.demo]\nsecret = \"{DEMO_SECRET}\"\n"
         ),
     );
     let mut child = bin().arg("-c").arg(&cfg).arg("serve").stderr(Stdio::piped()).spawn().unwrap();
 
-    // Readiness: the node logs "switchboard listening" once every socket is bound.
+    // Readiness: the node logs "switchboard listening", with the ports it got, once every
+    // socket is bound.
     let stderr = child.stderr.take().unwrap();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let log = std::thread::spawn(move || {
         let mut all = String::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("switchboard listening") {
-                let _ = ready_tx.send(());
+                let _ = ready_tx.send(line.clone());
             }
             all.push_str(&line);
             all.push('\n');
         }
         all
     });
-    ready_rx.recv_timeout(WAIT).expect("server becomes ready");
+    let listening = ready_rx.recv_timeout(WAIT).expect("server becomes ready");
+    let ws = logged_addr(&listening, "ws");
+    let http = logged_addr(&listening, "http");
+    assert!(!listening.contains('\u{1b}'), "no terminal colours when stderr is not a terminal: {listening}");
 
     // The node id was generated and kept under data_dir.
     let id = std::fs::read_to_string(dir.path().join("state/node-id")).unwrap();
-    let mut c =
-        WsClient::connect(&format!("ws://127.0.0.1:{ws}/ws/connect?app_id=demo&token={}", token("demo", "a"))).await;
+    let mut c = WsClient::connect(&format!("ws://{ws}/ws/connect?app_id=demo&token={}", token("demo", "a"))).await;
     let hello = c.recv().await;
     assert_eq!(hello["node_id"], id.trim());
+    let version: serde_json::Value =
+        reqwest::get(format!("http://{http}/api/version")).await.unwrap().json().await.unwrap();
+    assert_eq!(version["node_id"], id.trim());
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let (frames, code, _) = c.expect_close().await;
     assert_eq!(frames[0]["type"], "reconnect");
     assert_eq!(code, 1001);
@@ -187,6 +195,8 @@ async fn serve_runs_until_sigterm_and_sends_reconnect() {
     assert!(exit.success(), "clean exit after SIGTERM: {exit:?}");
     let log = log.join().unwrap();
     assert!(log.contains("shutting down"), "{log}");
+    // Bound to 127.0.0.1 without [node.external] host: the start-up warning names the key.
+    assert!(log.contains("WARN") && log.contains("[node.external] host"), "{log}");
     assert!(!log.contains(DEMO_SECRET) && !log.contains("token="), "no secrets in logs: {log}");
 }
 

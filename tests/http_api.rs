@@ -162,3 +162,31 @@ async fn push_reaches_every_connection_and_reports_per_recipient() {
     let msg = carol.recv().await;
     assert_eq!((msg["from"].as_str(), msg["data"].as_str()), (Some(""), Some("ping")));
 }
+
+#[tokio::test]
+async fn wildcard_bind_advertises_a_real_interface() {
+    let s = TestServer::with(|c| {
+        c.listeners.ws.bind = "0.0.0.0:0".parse().unwrap();
+        c.listeners.tcp.bind = "0.0.0.0:0".parse().unwrap();
+    })
+    .await;
+    let (_, route) = s.get("/route").await;
+    let ws = route["ws_addr"].as_str().unwrap();
+    let host = ws.trim_start_matches("ws://").rsplit_once(':').unwrap().0;
+    assert_ne!(host, "0.0.0.0", "an unspecified address is never advertised");
+    let interfaces: Vec<String> = if_addrs::get_if_addrs()
+        .unwrap()
+        .into_iter()
+        .filter(|i| !i.is_loopback() && i.ip().is_ipv4())
+        .map(|i| i.ip().to_string())
+        .collect();
+    if interfaces.is_empty() {
+        // No network interface at all: loopback is all there is, and the node warns.
+        assert_eq!(host, "127.0.0.1");
+    } else {
+        assert!(interfaces.contains(&host.to_string()), "{host} is one of {interfaces:?}");
+        let (_, version) = s.get("/api/version").await;
+        let warnings = version["warnings"].as_array().unwrap();
+        assert!(warnings.iter().all(|w| !w.as_str().unwrap().contains("ws_addr")), "{warnings:?}");
+    }
+}

@@ -7,6 +7,7 @@
 mod error;
 mod push;
 mod route;
+pub mod serve;
 mod version;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use crate::hub::Hub;
 /// The API's router; the same one serves HTTP and HTTPS.
 pub fn router(hub: Arc<Hub>) -> Router {
     let body_limit = hub.config().limits.max_http_body_bytes;
+    let request_timeout = hub.config().limits.http_request_timeout;
     Router::new()
         .route("/route", get(route::route))
         .route("/route/batch", post(route::batch))
@@ -32,5 +34,6 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(move |req, next| serve::request_deadline(request_timeout, req, next)))
         .with_state(hub)
 }

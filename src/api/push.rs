@@ -19,7 +19,7 @@ use super::ApiError;
 use crate::auth::nonce::NonceCheck;
 use crate::auth::signature::{self, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use crate::hub::Hub;
-use crate::protocol::{looks_like_object, now_ms, valid_uid};
+use crate::protocol::{delivery_status, looks_like_object, now_ms, valid_uid};
 
 /// The longest nonce accepted.
 pub(super) const MAX_NONCE_LEN: usize = 128;
@@ -48,10 +48,17 @@ struct PushBody<'a> {
 #[derive(Serialize)]
 pub(super) struct RecipientResult {
     uid: String,
-    /// `delivered` or `offline`.
+    /// `delivered`, `dropped` or `offline` (see `protocol::delivery_status`).
     status: &'static str,
     /// Connections of this user the message was handed to.
     connections: usize,
+    /// Connections of this user too slow to take it (being closed as slow consumers).
+    #[serde(skip_serializing_if = "is_zero")]
+    dropped: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Serialize)]
@@ -96,6 +103,13 @@ pub(super) async fn push(
         return Err(ApiError::unauthorized(
             "timestamp_stale",
             format!("{TIMESTAMP_HEADER} is more than {window}s away from the node's clock (push.timestamp_window)"),
+        ));
+    }
+
+    if ts < hub.started_secs() {
+        return Err(ApiError::unauthorized(
+            "timestamp_stale",
+            "signed before this node started; nonces from before a restart are not remembered, so sign again",
         ));
     }
 
@@ -156,9 +170,10 @@ pub(super) async fn push(
     let results = results
         .into_iter()
         .map(|r| RecipientResult {
-            status: if r.connections > 0 { "delivered" } else { "offline" },
+            status: delivery_status(r.connections, r.dropped),
             uid: r.uid,
             connections: r.connections,
+            dropped: r.dropped,
         })
         .collect();
     Ok(Json(PushResponse { msg_id, send_at, delivered, results }))

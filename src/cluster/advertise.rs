@@ -48,7 +48,10 @@ pub fn advertise(config: &Config, bound: &Bound) -> (Addrs, Addrs, Vec<String>) 
 fn side(cfg: &AdvertiseConfig, bound: &Bound, detected: Option<IpAddr>) -> Addrs {
     let host_for = |bind: SocketAddr| -> String {
         if let Some(h) = &cfg.host {
-            return h.clone();
+            return match h.parse::<std::net::Ipv6Addr>() {
+                Ok(v6) => format!("[{v6}]"),
+                Err(_) => h.clone(),
+            };
         }
         let ip =
             if bind.ip().is_unspecified() { detected.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)) } else { bind.ip() };
@@ -135,6 +138,14 @@ mod tests {
         assert_eq!(ext.ws_addr, "ws://lb.example.com");
         assert_eq!(int.ws_addr, "ws://10.0.0.5:5200");
         assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn ipv6_host_is_bracketed() {
+        let c = cfg("[node.external]\nhost = \"2001:db8::1\"\n");
+        let (ext, _, _) = advertise(&c, &bound([0, 0, 0, 0]));
+        assert_eq!(ext.ws_addr, "ws://[2001:db8::1]:5200");
+        assert_eq!(ext.tcp_addr, "[2001:db8::1]:5100");
     }
 
     #[test]

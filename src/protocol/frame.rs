@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::{ErrorCode, MAX_CLIENT_ID_LEN, valid_uid};
 
@@ -151,6 +152,8 @@ pub enum ServerFrame<'a> {
         msg_id: &'a str,
         status: &'static str,
         delivered: usize,
+        #[serde(skip_serializing_if = "is_zero")]
+        dropped: usize,
     },
     Error {
         code: ErrorCode,
@@ -171,6 +174,10 @@ pub enum ServerFrame<'a> {
     },
 }
 
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
 impl Serialize for ErrorCode {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.as_str())
@@ -178,9 +185,9 @@ impl Serialize for ErrorCode {
 }
 
 impl ServerFrame<'_> {
-    pub fn encode(&self) -> Bytes {
-        // Serialising these plain structs into a Vec cannot fail.
-        Bytes::from(serde_json::to_vec(self).expect("server frame serialises"))
+    pub fn encode(&self) -> Frame {
+        // Serialising these plain structs cannot fail.
+        Frame::from(serde_json::to_string(self).expect("server frame serialises"))
     }
 }
 
@@ -197,7 +204,7 @@ pub struct Envelope<'a> {
 }
 
 /// Encodes the `message` frame once; the bytes are shared by every connection it goes to.
-pub fn encode_message(envelope: &Envelope<'_>) -> Bytes {
+pub fn encode_message(envelope: &Envelope<'_>) -> Frame {
     #[derive(Serialize)]
     struct Tagged<'a> {
         #[serde(rename = "type")]
@@ -205,9 +212,48 @@ pub fn encode_message(envelope: &Envelope<'_>) -> Bytes {
         #[serde(flatten)]
         envelope: &'a Envelope<'a>,
     }
-    let mut out = Vec::with_capacity(160 + envelope.data.get().len());
-    serde_json::to_writer(&mut out, &Tagged { ty: "message", envelope }).expect("message serialises");
-    Bytes::from(out)
+    Frame::from(serde_json::to_string(&Tagged { ty: "message", envelope }).expect("message serialises"))
+}
+
+/// One encoded server frame: JSON text, known to be UTF-8 (so no transport validates it
+/// again), and cheap to clone, so one encoding is shared by every connection it goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame(Utf8Bytes);
+
+impl Frame {
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn into_text(self) -> Utf8Bytes {
+        self.0
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        Bytes::from(self.0)
+    }
+
+    pub const fn from_static(s: &'static str) -> Self {
+        Self(Utf8Bytes::from_static(s))
+    }
+}
+
+impl From<String> for Frame {
+    fn from(s: String) -> Self {
+        Self(Utf8Bytes::from(s))
+    }
 }
 
 #[cfg(test)]
@@ -264,7 +310,7 @@ mod tests {
             conversation_id: "d:x",
         });
         assert_eq!(
-            std::str::from_utf8(&bytes).unwrap(),
+            bytes.as_str(),
             r#"{"type":"message","from":"alice","to":"bob","event":1,"data":{"z":1,  "a":[true]},"msg_id":"m1","send_at":7,"conversation_id":"d:x"}"#
         );
     }
@@ -273,6 +319,6 @@ mod tests {
     fn error_frame_shape() {
         let f =
             ServerFrame::Error { code: ErrorCode::RateLimited, message: "slow down", client_id: None, fatal: false };
-        assert_eq!(&f.encode()[..], br#"{"type":"error","code":"rate_limited","message":"slow down"}"#);
+        assert_eq!(f.encode().as_str(), r#"{"type":"error","code":"rate_limited","message":"slow down"}"#);
     }
 }

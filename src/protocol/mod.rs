@@ -10,7 +10,8 @@ mod ids;
 
 pub use code::ErrorCode;
 pub use frame::{
-    ClientFrame, ConnectFrame, Envelope, SendFrame, ServerFrame, decode_client_frame, encode_message, looks_like_object,
+    ClientFrame, ConnectFrame, Envelope, Frame, SendFrame, ServerFrame, decode_client_frame, encode_message,
+    looks_like_object,
 };
 pub use ids::{MsgIdGen, conversation_id, now_ms};
 
@@ -22,6 +23,17 @@ pub const MAX_CLIENT_ID_LEN: usize = 64;
 
 /// Event number of a direct message between two users.
 pub const EVENT_DIRECT: u16 = 1;
+
+/// The `status` of an `ack` or a push result: `delivered` when at least one connection took
+/// the message, `dropped` when the recipient is online but every connection was too slow to
+/// take it (those connections are being closed), `offline` when it has no connection.
+pub fn delivery_status(delivered: usize, dropped: usize) -> &'static str {
+    match (delivered, dropped) {
+        (0, 0) => "offline",
+        (0, _) => "dropped",
+        _ => "delivered",
+    }
+}
 
 /// Whether `uid` is a user id: 1..=128 bytes, no control characters.
 pub fn valid_uid(uid: &str) -> bool {

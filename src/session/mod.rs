@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng as _;
 use tokio::sync::mpsc;
@@ -20,7 +19,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{Instrument, debug, info_span};
 
 use crate::hub::{App, ConnGuard, Hub};
-use crate::protocol::{ClientFrame, ErrorCode, ServerFrame, decode_client_frame};
+use crate::protocol::{ClientFrame, ErrorCode, Frame, ServerFrame, decode_client_frame, delivery_status};
 use crate::registry::{SessionControl, SessionHandle};
 use crate::transport::{FrameIo, Inbound, Outbound, ReadError, Transport};
 
@@ -33,7 +32,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_BATCH: usize = 64;
 
 /// What a client presented when connecting; the input to authentication.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConnectRequest {
     pub app_id: Option<String>,
     pub token: Option<String>,
@@ -41,6 +40,19 @@ pub struct ConnectRequest {
     pub remote: SocketAddr,
     /// Other query parameters of a WebSocket upgrade (never the token).
     pub params: Vec<(String, String)>,
+}
+
+// The token is a credential: keep it out of `{:?}`.
+impl std::fmt::Debug for ConnectRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectRequest")
+            .field("app_id", &self.app_id)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("transport", &self.transport)
+            .field("remote", &self.remote)
+            .field("params", &self.params)
+            .finish()
+    }
 }
 
 impl ConnectRequest {
@@ -136,7 +148,7 @@ struct Session<T> {
     app: Arc<App>,
     uid: String,
     conn_id: u64,
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Frame>,
     control: Arc<SessionControl>,
     bucket: TokenBucket,
     /// When the client last sent anything; drives the idle timeout.
@@ -167,7 +179,7 @@ impl std::fmt::Display for Exit {
 enum Event {
     Kicked(ErrorCode),
     Shutdown,
-    Outbound(Bytes),
+    Outbound(Frame),
     Inbound(Option<Result<Inbound, ReadError>>),
     Tick,
 }
@@ -182,6 +194,19 @@ impl<T: FrameIo> Session<T> {
             }
             Exit::Fatal(code, message) => reject(self.io, *code, message).await,
             Exit::Shutdown => {
+                // What was queued before the shutdown was acknowledged to its senders as
+                // delivered: write it out first (bounded like every goodbye).
+                let rx = &mut self.rx;
+                let io = &mut self.io;
+                let control = &self.control;
+                let _ = timeout(CLOSE_TIMEOUT, async {
+                    while let Ok(frame) = rx.try_recv() {
+                        control.dequeued(&frame);
+                        io.feed(Outbound::Frame(frame)).await?;
+                    }
+                    io.flush().await
+                })
+                .await;
                 let spread = self.hub.config().shutdown.reconnect_jitter.as_millis() as u64;
                 let delay_ms = if spread == 0 { 0 } else { rand::thread_rng().gen_range(0..spread) };
                 let frame = ServerFrame::Reconnect {
@@ -217,26 +242,32 @@ impl<T: FrameIo> Session<T> {
         let tick = sleep_until(next_ping);
         tokio::pin!(tick);
         loop {
-            let event = tokio::select! {
-                biased;
-                reason = control.kicked() => Event::Kicked(reason),
-                _ = shutdown.cancelled() => Event::Shutdown,
-                Some(frame) = self.rx.recv() => Event::Outbound(frame),
-                inbound = self.io.next() => Event::Inbound(inbound),
-                _ = &mut tick => Event::Tick,
+            // Being kicked or shut down goes first; among the rest, select! picks at random
+            // so that a steady stream one way never starves the other.
+            let event = if let Some(reason) = control.reason() {
+                Event::Kicked(reason)
+            } else if shutdown.is_cancelled() {
+                Event::Shutdown
+            } else {
+                tokio::select! {
+                    reason = control.kicked() => Event::Kicked(reason),
+                    _ = shutdown.cancelled() => Event::Shutdown,
+                    Some(frame) = self.rx.recv() => Event::Outbound(frame),
+                    inbound = self.io.next() => Event::Inbound(inbound),
+                    _ = &mut tick => Event::Tick,
+                }
             };
+            if matches!(event, Event::Inbound(Some(_))) {
+                // Anything the client sends, even a refused frame, shows it is alive.
+                self.last_seen = Instant::now();
+            }
             let step = match event {
                 Event::Kicked(code) => Err(Exit::Fatal(code, describe(code).into())),
                 Event::Shutdown => Err(Exit::Shutdown),
                 Event::Outbound(frame) => self.write_batch(frame).await,
                 Event::Inbound(None) => Err(Exit::Gone),
-                Event::Inbound(Some(Ok(inbound))) => {
-                    self.last_seen = Instant::now();
-                    match inbound {
-                        Inbound::Frame(bytes) => self.on_frame(&bytes).await,
-                        Inbound::Activity => Ok(()),
-                    }
-                }
+                Event::Inbound(Some(Ok(Inbound::Frame(bytes)))) => self.on_frame(&bytes).await,
+                Event::Inbound(Some(Ok(Inbound::Activity))) => Ok(()),
                 Event::Inbound(Some(Err(ReadError::Io(e)))) => {
                     debug!(error = %e, "read failed");
                     Err(Exit::Gone)
@@ -287,8 +318,9 @@ impl<T: FrameIo> Session<T> {
                 let ack = ServerFrame::Ack {
                     client_id,
                     msg_id: &sent.msg_id,
-                    status: if sent.delivered > 0 { "delivered" } else { "offline" },
+                    status: delivery_status(sent.delivered, sent.dropped),
                     delivered: sent.delivered,
+                    dropped: sent.dropped,
                 };
                 self.write(ack.encode()).await
             }
@@ -304,7 +336,7 @@ impl<T: FrameIo> Session<T> {
         self.write(ServerFrame::Error { code, message, client_id, fatal: false }.encode()).await
     }
 
-    async fn write(&mut self, frame: Bytes) -> Result<(), Exit> {
+    async fn write(&mut self, frame: Frame) -> Result<(), Exit> {
         self.send(Outbound::Frame(frame)).await
     }
 
@@ -316,16 +348,20 @@ impl<T: FrameIo> Session<T> {
     }
 
     /// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]) with one flush.
-    async fn write_batch(&mut self, first: Bytes) -> Result<(), Exit> {
+    async fn write_batch(&mut self, first: Frame) -> Result<(), Exit> {
         let limit = self.hub.config().limits.write_timeout;
         let control = self.control.clone();
         let rx = &mut self.rx;
         let io = &mut self.io;
         let write = async {
+            control.dequeued(&first);
             io.feed(Outbound::Frame(first)).await?;
             for _ in 1..MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(frame) => io.feed(Outbound::Frame(frame)).await?,
+                    Ok(frame) => {
+                        control.dequeued(&frame);
+                        io.feed(Outbound::Frame(frame)).await?
+                    }
                     Err(_) => break,
                 }
             }
@@ -360,5 +396,155 @@ fn finish_write(result: Result<std::io::Result<()>, tokio::time::error::Elapsed>
         Err(_) => {
             Err(Exit::Fatal(ErrorCode::SlowConsumer, "a write did not complete within limits.write_timeout".into()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The session loop against an in-memory connection, with tokio's clock paused so that
+    //! heartbeat timing is exact and instant.
+
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use futures_util::{Sink, Stream};
+    use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+    use super::*;
+    use crate::cluster::{Addrs, NodeInfo};
+    use crate::config::Config;
+
+    struct MemoryIo {
+        inbound: UnboundedReceiver<Result<Inbound, ReadError>>,
+        outbound: UnboundedSender<Outbound>,
+    }
+
+    impl Stream for MemoryIo {
+        type Item = Result<Inbound, ReadError>;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.inbound.poll_recv(cx)
+        }
+    }
+
+    impl Sink<Outbound> for MemoryIo {
+        type Error = std::io::Error;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn start_send(self: Pin<&mut Self>, item: Outbound) -> std::io::Result<()> {
+            self.outbound.send(item).map_err(|_| std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    struct Client {
+        to_server: UnboundedSender<Result<Inbound, ReadError>>,
+        from_server: UnboundedReceiver<Outbound>,
+    }
+
+    impl Client {
+        async fn next(&mut self) -> Outbound {
+            self.from_server.recv().await.expect("the session is still writing")
+        }
+
+        async fn next_json(&mut self) -> serde_json::Value {
+            match self.next().await {
+                Outbound::Frame(f) => serde_json::from_str(f.as_str()).unwrap(),
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+    }
+
+    const SECRET: &str = "session-test-secret-0123456789";
+
+    async fn connect(tweak: impl FnOnce(&mut Config)) -> (Client, Arc<Hub>) {
+        let mut config: Config = format!("[apps.demo]\nsecret = \"{SECRET}\"\n").parse().unwrap();
+        tweak(&mut config);
+        let node =
+            NodeInfo { id: "n1".into(), external: Addrs::default(), intranet: Addrs::default(), warnings: vec![] };
+        let hub = Hub::new(config, node);
+        let (to_server, inbound) = unbounded_channel();
+        let (outbound, from_server) = unbounded_channel();
+        let request = ConnectRequest {
+            app_id: Some("demo".into()),
+            token: Some(crate::auth::jwt::issue(SECRET.as_bytes(), "alice", Duration::from_secs(3600))),
+            transport: Transport::Tcp,
+            remote: "127.0.0.1:1".parse().unwrap(),
+            params: vec![],
+        };
+        let guard = hub.try_admit().unwrap();
+        tokio::spawn(start(MemoryIo { inbound, outbound }, hub.clone(), request, guard));
+        let mut client = Client { to_server, from_server };
+        assert_eq!(client.next_json().await["type"], "connected");
+        (client, hub)
+    }
+
+    fn heartbeat(c: &mut Config) {
+        c.heartbeat.ping_interval = Duration::from_secs(10);
+        c.heartbeat.idle_timeout = Duration::from_secs(30);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pings_on_schedule_and_closes_when_idle() {
+        let (mut client, hub) = connect(heartbeat).await;
+        let start = Instant::now();
+        for n in 1..=2 {
+            assert!(matches!(client.next().await, Outbound::Ping));
+            assert_eq!(start.elapsed(), Duration::from_secs(10 * n));
+        }
+        // Silence since the start: closed at exactly the idle timeout.
+        let error = client.next_json().await;
+        assert_eq!((error["code"].as_str(), error["fatal"].as_bool()), (Some("idle_timeout"), Some(true)));
+        assert!(matches!(client.next().await, Outbound::Close(ErrorCode::IdleTimeout)));
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+        wait_for(|| hub.connections() == 0).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn any_sign_of_life_keeps_the_connection() {
+        let (mut client, hub) = connect(heartbeat).await;
+        for _ in 0..10 {
+            assert!(matches!(client.next().await, Outbound::Ping));
+            // A WebSocket pong, or a refused binary frame: both show the client is there.
+            client.to_server.send(Ok(Inbound::Activity)).unwrap();
+            assert!(matches!(client.next().await, Outbound::Ping));
+            client.to_server.send(Err(ReadError::Binary)).unwrap();
+            assert_eq!(client.next_json().await["code"], "binary_unsupported");
+        }
+        assert_eq!(hub.app("demo").unwrap().registry.sessions_of("alice"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn kick_wins_over_a_busy_connection() {
+        let (mut client, hub) = connect(heartbeat).await;
+        for _ in 0..100 {
+            client.to_server.send(Ok(Inbound::Frame(bytes::Bytes::from_static(br#"{"type":"ping"}"#)))).unwrap();
+        }
+        hub.shutdown_token().cancel();
+        // At most the frames already being handled are answered before the goodbye.
+        let mut pongs = 0;
+        loop {
+            match client.next().await {
+                Outbound::Frame(f) if f.as_str().contains("pong") => pongs += 1,
+                Outbound::Frame(f) if f.as_str().contains("reconnect") => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(pongs <= 1, "shutdown is handled before queued input: {pongs} pongs");
+    }
+
+    async fn wait_for(cond: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("condition never held");
     }
 }

@@ -16,7 +16,7 @@ use std::io;
 use bytes::Bytes;
 use futures_util::{Sink, Stream};
 
-use crate::protocol::ErrorCode;
+use crate::protocol::{ErrorCode, Frame};
 
 /// How a client is connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -55,7 +55,7 @@ pub enum Inbound {
 #[derive(Debug)]
 pub enum Outbound {
     /// One JSON frame.
-    Frame(Bytes),
+    Frame(Frame),
     /// A liveness probe: a WebSocket ping, or a `{"type":"ping"}` frame on TCP.
     Ping,
     /// End the connection for this reason (a WebSocket close frame; nothing on TCP, where

@@ -65,7 +65,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Outbound> for TcpIo<S> {
 
     fn start_send(mut self: Pin<&mut Self>, item: Outbound) -> io::Result<()> {
         match item {
-            Outbound::Frame(bytes) => Pin::new(&mut self.inner).start_send(bytes),
+            Outbound::Frame(frame) => Pin::new(&mut self.inner).start_send(frame.into_bytes()),
             Outbound::Ping => Pin::new(&mut self.inner).start_send(Bytes::from_static(PING_FRAME)),
             // The session's fatal `error` frame already said why; closing is poll_close.
             Outbound::Close(_) => Ok(()),

@@ -1,20 +1,16 @@
-//! TLS for the WSS and HTTPS listeners (rustls): loading the certificate and key, and
-//! accepting TLS connections without letting one slow handshake hold up the others.
+//! TLS for the WSS and HTTPS listeners (rustls): loading the certificate and key, and the
+//! WSS accept loop (HTTPS is served by `api::serve`).
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
@@ -66,90 +62,38 @@ pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-/// Accepts TCP, completes the TLS handshake within `deadline` in its own task, and yields
-/// finished streams. Used by both TLS listeners.
-fn spawn_handshakes(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    deadline: Duration,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-) -> mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)> {
-    let (tx, rx) = mpsc::channel(64);
-    tracker.clone().spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
-            let (stream, remote) = match accepted {
-                Ok(ok) => ok,
-                Err(e) => {
-                    super::accept_backoff(&e).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tracker.spawn(async move {
-                match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send((tls, remote)).await;
-                    }
-                    Ok(Err(e)) => debug!(%remote, error = %e, "TLS handshake failed"),
-                    Err(_) => debug!(%remote, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    rx
-}
-
-/// Accepts WSS clients until shutdown.
+/// Accepts WSS clients until shutdown. A connection slot is taken before the TLS
+/// handshake, so handshakes in flight count toward `limits.max_connections`, and the
+/// handshake plus the WebSocket upgrade share one `limits.connect_timeout`.
 pub async fn accept_loop_wss(listener: TcpListener, acceptor: TlsAcceptor, hub: Arc<Hub>, tracker: TaskTracker) {
-    let deadline = hub.config().limits.connect_timeout;
     let stop = hub.shutdown_token().clone();
-    let mut rx = spawn_handshakes(listener, acceptor, deadline, stop.clone(), tracker.clone());
     loop {
-        let next = tokio::select! {
+        let accepted = tokio::select! {
             _ = stop.cancelled() => return,
-            next = rx.recv() => next,
+            accepted = listener.accept() => accepted,
         };
-        let Some((stream, remote)) = next else { return };
-        tracker.spawn(super::ws::serve_connection(stream, remote, Transport::Wss, hub.clone()));
-    }
-}
-
-/// A TLS listener for `axum::serve`: the HTTP API over HTTPS.
-#[derive(Debug)]
-pub struct HttpsListener {
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl HttpsListener {
-    pub fn new(listener: TcpListener, acceptor: TlsAcceptor, hub: &Hub, tracker: TaskTracker) -> io::Result<Self> {
-        let local = listener.local_addr()?;
-        let deadline = hub.config().limits.connect_timeout;
-        let rx = spawn_handshakes(listener, acceptor, deadline, hub.shutdown_token().clone(), tracker);
-        Ok(Self { rx, local })
-    }
-}
-
-impl axum::serve::Listener for HttpsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(conn) => conn,
-            // The accept task ended at shutdown; axum stops calling accept once its own
-            // graceful-shutdown signal fires, so waiting forever here is correct.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local)
+        let (stream, remote) = match accepted {
+            Ok(ok) => ok,
+            Err(e) => {
+                super::accept_backoff(&e).await;
+                continue;
+            }
+        };
+        let Some(guard) = hub.try_admit() else {
+            debug!(%remote, "WSS connection refused: limits.max_connections reached");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (acceptor, hub) = (acceptor.clone(), hub.clone());
+        tracker.spawn(async move {
+            let deadline = Instant::now() + hub.config().limits.connect_timeout;
+            match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    super::ws::serve_connection(tls, remote, Transport::Wss, hub, Some(guard), deadline).await
+                }
+                Ok(Err(e)) => debug!(%remote, error = %e, "TLS handshake failed"),
+                Err(_) => debug!(%remote, "TLS handshake timed out"),
+            }
+        });
     }
 }

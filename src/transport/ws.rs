@@ -14,12 +14,12 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use super::{Inbound, Outbound, ReadError, Transport};
-use crate::hub::Hub;
+use crate::hub::{ConnGuard, Hub};
 use crate::session::{self, ConnectRequest};
 
 /// The one path clients upgrade on.
@@ -111,9 +111,7 @@ where
 
     fn start_send(mut self: Pin<&mut Self>, item: Outbound) -> io::Result<()> {
         let msg = match item {
-            Outbound::Frame(bytes) => {
-                Message::Text(Utf8Bytes::try_from(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?)
-            }
+            Outbound::Frame(frame) => Message::Text(frame.into_text()),
             Outbound::Ping => Message::Ping(Bytes::new()),
             Outbound::Close(code) => {
                 Message::Close(Some(CloseFrame { code: code.close_code().into(), reason: code.as_str().into() }))
@@ -194,12 +192,20 @@ fn json_error(status: u16, code: &str, message: &str) -> ErrorResponse {
 /// Runs the upgrade handshake on an accepted stream, then hands the connection to a session.
 // The callback's error type is tungstenite's `ErrorResponse`, not ours to shrink.
 #[allow(clippy::result_large_err)]
-pub async fn serve_connection<S>(stream: S, remote: std::net::SocketAddr, transport: Transport, hub: Arc<Hub>)
-where
+///
+/// `guard` is the connection's slot (`None` when the node is full: the upgrade is answered
+/// 503); `deadline` bounds the handshake.
+pub async fn serve_connection<S>(
+    stream: S,
+    remote: std::net::SocketAddr,
+    transport: Transport,
+    hub: Arc<Hub>,
+    guard: Option<ConnGuard>,
+    deadline: tokio::time::Instant,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = &hub.config().limits;
-    let guard = hub.try_admit();
     let full = guard.is_none();
     let mut query: Option<String> = None;
     let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
@@ -214,7 +220,7 @@ where
     };
     let handshake =
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config(limits.max_frame_bytes)));
-    let ws = match tokio::time::timeout(limits.connect_timeout, handshake).await {
+    let ws = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             debug!(%remote, %transport, error = %e, "WebSocket handshake failed");
@@ -241,7 +247,9 @@ pub async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, tracker: TaskTrac
         match accepted {
             Ok((stream, remote)) => {
                 let _ = stream.set_nodelay(true);
-                tracker.spawn(serve_connection(stream, remote, Transport::Ws, hub.clone()));
+                let deadline = tokio::time::Instant::now() + hub.config().limits.connect_timeout;
+                let guard = hub.try_admit();
+                tracker.spawn(serve_connection(stream, remote, Transport::Ws, hub.clone(), guard, deadline));
             }
             Err(e) => super::accept_backoff(&e).await,
         }

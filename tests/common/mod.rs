@@ -135,6 +135,18 @@ impl TestServer {
         Self { addrs, hub, cert, stop: Some(stop), task: Some(task) }
     }
 
+    /// Triggers graceful shutdown; the handle resolves when `run` has returned.
+    pub fn begin_shutdown(mut self) -> JoinHandle<()> {
+        self.stop.take().unwrap().send(()).unwrap();
+        let task = self.task.take().unwrap();
+        tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .expect("server stops within its grace period")
+                .expect("server task does not panic")
+        })
+    }
+
     /// Triggers graceful shutdown and waits until `run` returns.
     pub async fn shutdown(mut self) {
         self.stop.take().unwrap().send(()).unwrap();
