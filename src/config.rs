@@ -39,10 +39,17 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Applications, keyed by app id. Users of different apps never see each other.
     pub apps: BTreeMap<String, AppConfig>,
+    /// WebAssembly policy plugins (`[[plugins]]`), selected per app by name.
+    pub plugins: Vec<PluginConfig>,
+    /// Operator endpoints (`/admin/...`).
+    pub admin: AdminConfig,
     /// The directory relative paths in this config are resolved against (the config file's
     /// directory). Not a TOML key.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The file this config was read from, re-read by a plugin reload. Not a TOML key.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -272,12 +279,142 @@ impl Default for PushConfig {
 pub struct RouteConfig {
     /// User ids one `/route/batch` request may carry.
     pub batch_max_uids: usize,
+    /// Router plugin for apps without their own `router` (default: rendezvous hashing).
+    pub plugin: Option<String>,
 }
 
 impl Default for RouteConfig {
     fn default() -> Self {
-        Self { batch_max_uids: 10_000 }
+        Self { batch_max_uids: 10_000, plugin: None }
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Bearer token for `/admin/...`; the admin endpoints are off without one.
+    pub token: Option<String>,
+}
+
+/// Which capability a plugin provides: the WIT world it implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum World {
+    Authenticator,
+    MessageFilter,
+    Router,
+}
+
+impl World {
+    pub const ALL: [World; 3] = [World::Authenticator, World::MessageFilter, World::Router];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            World::Authenticator => "authenticator",
+            World::MessageFilter => "message-filter",
+            World::Router => "router",
+        }
+    }
+
+    /// The interface a component of this world exports.
+    pub const fn export(self) -> &'static str {
+        match self {
+            World::Authenticator => "switchboard:policy/auth@0.1.0",
+            World::MessageFilter => "switchboard:policy/filter@0.1.0",
+            World::Router => "switchboard:policy/routing@0.1.0",
+        }
+    }
+
+    fn default_deadline(self) -> Duration {
+        match self {
+            World::Authenticator => Duration::from_millis(50),
+            World::MessageFilter => Duration::from_millis(2),
+            World::Router => Duration::from_millis(20),
+        }
+    }
+}
+
+/// What happens to the request a plugin was serving when the plugin fails (traps, runs
+/// past its deadline, exhausts its memory or returns something invalid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Refuse: the connection is rejected, the message is not delivered.
+    FailClosed,
+    /// Carry on as if the plugin had allowed it (filters only).
+    FailOpen,
+}
+
+/// One `[[plugins]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// How apps refer to the plugin.
+    pub name: String,
+    /// The component (`.wasm`), relative to the config file.
+    pub path: PathBuf,
+    /// The world the component must implement.
+    pub world: World,
+    /// Default `fail_closed`; `fail_open` is allowed for message filters only. Routers
+    /// always fall back to rendezvous hashing.
+    #[serde(default)]
+    pub failure: Option<FailurePolicy>,
+    /// Longest a single call may run (default: authenticator 50ms, message-filter 2ms,
+    /// router 20ms).
+    #[serde(default, with = "humantime_serde::option")]
+    pub deadline: Option<Duration>,
+    /// Linear memory one instance may use, in MiB.
+    #[serde(default = "default_plugin_memory")]
+    pub memory_limit_mb: u32,
+    /// Warm instances kept per app; concurrent calls beyond this instantiate more and the
+    /// extra ones are dropped afterwards. Default: the number of CPUs.
+    #[serde(default)]
+    pub pool_size: Option<usize>,
+    /// The plugin's own settings, handed to its `init` as JSON.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+fn default_plugin_memory() -> u32 {
+    32
+}
+
+impl PluginConfig {
+    pub fn failure_policy(&self) -> FailurePolicy {
+        self.failure.unwrap_or(FailurePolicy::FailClosed)
+    }
+
+    pub fn deadline(&self) -> Duration {
+        self.deadline.unwrap_or(self.world.default_deadline())
+    }
+
+    pub fn pool_size(&self) -> usize {
+        self.pool_size.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+    }
+}
+
+/// How an app's authenticator plugin relates to the built-in JWT check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// The plugin alone decides, from the raw token.
+    Replace,
+    /// The JWT is checked first; the plugin then sees its user id and may refuse the
+    /// connection or add metadata (it cannot change the user id).
+    AfterJwt,
+}
+
+/// `auth = { plugin = "...", mode = "..." }` in an app.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppAuth {
+    pub plugin: String,
+    #[serde(default = "default_auth_mode")]
+    pub mode: AuthMode,
+}
+
+fn default_auth_mode() -> AuthMode {
+    AuthMode::Replace
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -307,6 +444,15 @@ pub struct AppConfig {
     /// Clock skew tolerated on `exp` and `nbf`.
     #[serde(default = "default_leeway", with = "humantime_serde")]
     pub token_leeway: Duration,
+    /// An authenticator plugin instead of, or after, the built-in JWT check.
+    #[serde(default)]
+    pub auth: Option<AppAuth>,
+    /// Message filter plugins, run in this order on every message to a user of this app.
+    #[serde(default)]
+    pub filters: Vec<String>,
+    /// Router plugin for this app's users (default: `route.plugin`, then rendezvous hashing).
+    #[serde(default)]
+    pub router: Option<String>,
 }
 
 fn default_leeway() -> Duration {
@@ -316,7 +462,13 @@ fn default_leeway() -> Duration {
 // The secret must never reach a log line through `{:?}`.
 impl fmt::Debug for AppConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AppConfig").field("secret", &"<redacted>").field("token_leeway", &self.token_leeway).finish()
+        f.debug_struct("AppConfig")
+            .field("secret", &"<redacted>")
+            .field("token_leeway", &self.token_leeway)
+            .field("auth", &self.auth)
+            .field("filters", &self.filters)
+            .field("router", &self.router)
+            .finish()
     }
 }
 
@@ -364,6 +516,7 @@ impl Config {
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let mut config: Config = toml::from_str(&text)?;
         config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        config.source = Some(path.to_path_buf());
         config.validate().map_err(ConfigError::Invalid)?;
         Ok(config)
     }
@@ -561,7 +714,75 @@ impl Config {
             problem("route.batch_max_uids", "must be at least 1".into());
         }
 
+        self.validate_plugins(&mut problem);
+        if let Some(token) = &self.admin.token
+            && token.len() < 16
+        {
+            problem("admin.token", "must be at least 16 bytes".into());
+        }
+
         if problems.is_empty() { Ok(()) } else { Err(problems) }
+    }
+
+    /// Plugin entries and every reference to them.
+    fn validate_plugins(&self, problem: &mut impl FnMut(&str, String)) {
+        let mut seen = std::collections::HashSet::new();
+        for (i, p) in self.plugins.iter().enumerate() {
+            let key = format!("plugins[{i}]");
+            if !valid_node_id(&p.name) {
+                problem(&format!("{key}.name"), "must be 1-64 characters of A-Z a-z 0-9 _ -".into());
+            } else if !seen.insert(p.name.as_str()) {
+                problem(&format!("{key}.name"), format!("{:?} is defined twice", p.name));
+            }
+            let path = self.resolve(&p.path);
+            if !path.is_file() {
+                problem(&format!("{key}.path"), format!("file not found: {}", path.display()));
+            }
+            match (p.world, p.failure) {
+                (World::Authenticator, Some(FailurePolicy::FailOpen)) => problem(
+                    &format!("{key}.failure"),
+                    "an authenticator fails closed: a broken plugin must not let everyone in".into(),
+                ),
+                (World::Router, Some(FailurePolicy::FailClosed)) => problem(
+                    &format!("{key}.failure"),
+                    "routers always fall back to rendezvous hashing; leave failure unset".into(),
+                ),
+                _ => {}
+            }
+            if let Some(d) = p.deadline
+                && (d < Duration::from_millis(1) || d > Duration::from_secs(10))
+            {
+                problem(&format!("{key}.deadline"), "must be between 1ms and 10s".into());
+            }
+            if !(1..=4096).contains(&p.memory_limit_mb) {
+                problem(&format!("{key}.memory_limit_mb"), "must be between 1 and 4096".into());
+            }
+            if p.pool_size == Some(0) {
+                problem(&format!("{key}.pool_size"), "must be at least 1".into());
+            }
+        }
+        let mut reference = |key: String, name: &str, world: World| match self.plugins.iter().find(|p| p.name == name) {
+            None => problem(&key, format!("no [[plugins]] entry is named {name:?}")),
+            Some(p) if p.world != world => problem(
+                &key,
+                format!("plugin {name:?} is a {} plugin; this needs a {}", p.world.as_str(), world.as_str()),
+            ),
+            Some(_) => {}
+        };
+        if let Some(name) = &self.route.plugin {
+            reference("route.plugin".into(), name, World::Router);
+        }
+        for (id, app) in &self.apps {
+            if let Some(auth) = &app.auth {
+                reference(format!("apps.{id}.auth.plugin"), &auth.plugin, World::Authenticator);
+            }
+            for (i, name) in app.filters.iter().enumerate() {
+                reference(format!("apps.{id}.filters[{i}]"), name, World::MessageFilter);
+            }
+            if let Some(name) = &app.router {
+                reference(format!("apps.{id}.router"), name, World::Router);
+            }
+        }
     }
 }
 

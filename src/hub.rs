@@ -1,23 +1,29 @@
 //! The node's shared state and the one delivery pipeline every entry point uses.
 //!
 //! Sessions (client sends) and the HTTP API (pushes) both come here to authenticate, to
-//! stamp a message with its id and time, and to hand it to the recipients' sessions. The
-//! hub owns the apps and their registries; it does not do I/O itself.
+//! stamp a message with its id and time, to run the app's filters, and to hand the result
+//! to the recipients' sessions. The hub owns the apps, their registries and the current
+//! plugin set; it does not do I/O itself.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::auth::Secret;
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::nonce::NonceStore;
 use crate::cluster::{Addrs, NodeInfo};
-use crate::config::Config;
+use crate::config::{AuthMode, Config, FailurePolicy};
+use crate::plugin::{AuthOutcome, AuthRequest, FilterMessage, PluginError, PluginSet, RouteNode, RouteUser, Verdict};
 use crate::protocol::{EVENT_DIRECT, Envelope, ErrorCode, MsgIdGen, conversation_id, encode_message, now_ms};
 use crate::registry::Registry;
+use crate::routing;
+use crate::session::ConnectRequest;
 
 /// One configured application: its credentials and its users on this node.
 #[derive(Debug)]
@@ -33,6 +39,38 @@ impl App {
     pub fn secret(&self) -> &[u8] {
         self.secret.expose()
     }
+}
+
+/// Who a connection belongs to, once authenticated.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub app: Arc<App>,
+    pub uid: String,
+    /// From the app's authenticator plugin (e.g. region, roles); filters see it.
+    pub metadata: Vec<(String, String)>,
+}
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthRefusal {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The authenticator plugin's own code, when it was the plugin that refused.
+    pub reason: Option<String>,
+}
+
+impl From<ErrorCode> for AuthRefusal {
+    fn from(code: ErrorCode) -> Self {
+        Self { code, message: crate::session::describe(code).into(), reason: None }
+    }
+}
+
+/// A message the app's filters stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// `denied` (a filter said no) or `filter_failed` (a filter broke and fails closed).
+    pub code: ErrorCode,
+    pub message: String,
 }
 
 /// A message accepted for delivery.
@@ -52,6 +90,8 @@ pub struct Recipient {
     pub uid: String,
     pub connections: usize,
     pub dropped: usize,
+    /// Set when the app's filters stopped the message for this recipient.
+    pub refused: Option<Refused>,
 }
 
 /// A set of users and the node they should connect to.
@@ -74,6 +114,10 @@ pub struct Hub {
     /// Unix seconds when this node started: pushes signed earlier are refused, because the
     /// nonces that protected them from replay were not remembered across the restart.
     started_secs: u64,
+    /// The plugins in force; a reload swaps the whole set at once.
+    plugins: ArcSwap<PluginSet>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 /// Holds one slot of `limits.max_connections` while a connection lives.
@@ -89,7 +133,7 @@ impl Drop for ConnGuard {
 }
 
 impl Hub {
-    pub fn new(config: Config, node: NodeInfo) -> Arc<Self> {
+    pub fn new(config: Config, node: NodeInfo, plugins: PluginSet) -> Arc<Self> {
         let apps = config
             .apps
             .iter()
@@ -113,6 +157,8 @@ impl Hub {
             next_conn_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             started_secs: now_ms() / 1000,
+            plugins: ArcSwap::from_pointee(plugins),
+            reloading: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -134,6 +180,11 @@ impl Hub {
 
     pub fn apps(&self) -> impl Iterator<Item = &Arc<App>> {
         self.apps.values()
+    }
+
+    /// The plugin set in force now.
+    pub fn plugins(&self) -> arc_swap::Guard<Arc<PluginSet>> {
+        self.plugins.load()
     }
 
     /// Cancelled when the node starts shutting down.
@@ -163,17 +214,103 @@ impl Hub {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Checks a client's credentials: the app must exist and the token must be its.
-    pub fn authenticate(&self, app_id: Option<&str>, token: Option<&str>) -> Result<(Arc<App>, String), ErrorCode> {
-        let app = app_id.and_then(|id| self.apps.get(id)).ok_or(ErrorCode::UnknownApp)?;
-        let uid = app.jwt.verify(token.unwrap_or_default())?;
-        Ok((app.clone(), uid))
+    /// Decides who a connecting client is: the app's JWT check, its authenticator plugin, or
+    /// both in turn, as the app is configured.
+    pub fn authenticate(&self, req: &ConnectRequest) -> Result<Identity, AuthRefusal> {
+        let app = req.app_id.as_deref().and_then(|id| self.apps.get(id)).ok_or(ErrorCode::UnknownApp)?;
+        let token = req.token.as_deref().unwrap_or_default();
+        let plugins = self.plugins.load();
+        let Some(auth) = &plugins.app(&app.id).auth else {
+            let uid = app.jwt.verify(token)?;
+            return Ok(Identity { app: app.clone(), uid, metadata: Vec::new() });
+        };
+        let verified = match auth.mode {
+            AuthMode::AfterJwt => Some(app.jwt.verify(token)?),
+            AuthMode::Replace => None,
+        };
+        let remote = req.remote.to_string();
+        let request = AuthRequest {
+            app_id: &app.id,
+            token,
+            transport: req.transport,
+            remote_addr: &remote,
+            params: &req.params,
+            verified_uid: verified.as_deref(),
+        };
+        match auth.pool.authenticate(&request) {
+            Ok(AuthOutcome::Accept { uid, metadata }) => Ok(Identity { app: app.clone(), uid, metadata }),
+            Ok(AuthOutcome::Reject { code, message }) => {
+                Err(AuthRefusal { code: ErrorCode::AuthRejected, message, reason: Some(code) })
+            }
+            Err(failure) => {
+                warn!(plugin = auth.pool.plugin_name(), app = %app.id, kind = failure.kind.as_str(), error = %failure, "authenticator failed; refusing the connection");
+                Err(AuthRefusal {
+                    code: ErrorCode::AuthUnavailable,
+                    message: "the app's authenticator is failing; try again later".into(),
+                    reason: None,
+                })
+            }
+        }
     }
 
-    /// Delivers a direct message from `from` to every connection of `to` in `app`.
-    pub async fn send_direct(&self, app: &App, from: &str, to: &str, data: &RawValue) -> Sent {
+    /// Runs the app's filters over one message, in order. Returns the data to deliver when
+    /// a filter rewrote it, or why it must not be delivered.
+    fn filter(&self, msg: &FilterMessage<'_>, max_bytes: usize) -> Result<Option<Box<RawValue>>, Refused> {
+        let plugins = self.plugins.load();
+        let mut rewritten: Option<Box<RawValue>> = None;
+        for pool in &plugins.app(msg.app_id).filters {
+            let data = rewritten.as_deref().map_or(msg.data, RawValue::get);
+            match pool.filter(&FilterMessage { data, ..*msg }, max_bytes) {
+                Ok(Verdict::Allow) => {}
+                Ok(Verdict::Deny(reason)) => return Err(Refused { code: ErrorCode::Denied, message: reason }),
+                Ok(Verdict::Rewrite(raw)) => rewritten = Some(raw),
+                Err(failure) => {
+                    let name = pool.plugin_name();
+                    match pool.plugin.failure {
+                        FailurePolicy::FailOpen => {
+                            pool.warn_rate_limited(&failure, "filter failed; failing open, message passes");
+                        }
+                        FailurePolicy::FailClosed => {
+                            pool.warn_rate_limited(&failure, "filter failed; failing closed, message refused");
+                            return Err(Refused {
+                                code: ErrorCode::FilterFailed,
+                                message: format!(
+                                    "filter {name} failed ({}); the message was not delivered",
+                                    failure.kind.as_str()
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(rewritten)
+    }
+
+    /// Delivers a direct message from `from` to every connection of `to` in `app`, after
+    /// the app's filters.
+    pub async fn send_direct(
+        &self,
+        app: &App,
+        from: &str,
+        from_metadata: &[(String, String)],
+        to: &str,
+        data: &RawValue,
+    ) -> Result<Sent, Refused> {
         let msg_id = self.ids.next();
         let send_at = now_ms();
+        let msg = FilterMessage {
+            app_id: &app.id,
+            from,
+            to,
+            event: EVENT_DIRECT,
+            data: data.get(),
+            msg_id: &msg_id,
+            send_at,
+            sender_metadata: from_metadata,
+        };
+        let rewritten = self.filter(&msg, self.config.limits.max_frame_bytes)?;
+        let data = rewritten.as_deref().unwrap_or(data);
         let conversation = conversation_id(&app.id, from, to);
         let frame = encode_message(&Envelope {
             from,
@@ -185,10 +322,11 @@ impl Hub {
             conversation_id: &conversation,
         });
         let d = app.registry.deliver(to, &frame);
-        Sent { msg_id, send_at, delivered: d.sessions, dropped: d.dropped }
+        Ok(Sent { msg_id, send_at, delivered: d.sessions, dropped: d.dropped })
     }
 
-    /// Delivers one pushed message to each recipient; one `msg_id` for all of them.
+    /// Delivers one pushed message to each recipient (filtered per recipient); one `msg_id`
+    /// for all of them.
     pub async fn push(
         &self,
         app: &App,
@@ -198,37 +336,102 @@ impl Hub {
     ) -> (String, u64, Vec<Recipient>) {
         let msg_id = self.ids.next();
         let send_at = now_ms();
+        let max_bytes = self.config.limits.max_http_body_bytes;
         let results = recipients
             .iter()
             .map(|to| {
+                let msg = FilterMessage {
+                    app_id: &app.id,
+                    from,
+                    to,
+                    event: EVENT_DIRECT,
+                    data: data.get(),
+                    msg_id: &msg_id,
+                    send_at,
+                    sender_metadata: &[],
+                };
+                let rewritten = match self.filter(&msg, max_bytes) {
+                    Ok(r) => r,
+                    Err(refused) => {
+                        return Recipient { uid: to.clone(), connections: 0, dropped: 0, refused: Some(refused) };
+                    }
+                };
                 let conversation = conversation_id(&app.id, from, to);
                 let frame = encode_message(&Envelope {
                     from,
                     to,
                     event: EVENT_DIRECT,
-                    data,
+                    data: rewritten.as_deref().unwrap_or(data),
                     msg_id: &msg_id,
                     send_at,
                     conversation_id: &conversation,
                 });
                 let d = app.registry.deliver(to, &frame);
-                Recipient { uid: to.clone(), connections: d.sessions, dropped: d.dropped }
+                Recipient { uid: to.clone(), connections: d.sessions, dropped: d.dropped, refused: None }
             })
             .collect();
         (msg_id, send_at, results)
     }
 
-    /// Which node each user should connect to. On one node, every user gets this node.
-    pub fn route(&self, uids: Vec<String>, intranet: bool) -> Vec<RouteGroup> {
-        if uids.is_empty() {
-            return Vec::new();
-        }
-        vec![RouteGroup { uids, addrs: self.addrs(intranet).clone() }]
+    /// The nodes users can be routed to. On a single node: this one.
+    pub fn route_nodes(&self) -> Vec<(RouteNode, &NodeInfo)> {
+        let me = RouteNode {
+            id: self.node.id.clone(),
+            connections: self.connections() as u64,
+            capacity: self.config.limits.max_connections as u64,
+            draining: self.is_shutting_down(),
+            ..RouteNode::default()
+        };
+        vec![(me, &self.node)]
     }
 
-    /// The node one user should connect to.
-    pub fn route_user(&self, _uid: Option<&str>, intranet: bool) -> Addrs {
-        self.addrs(intranet).clone()
+    /// Which node each user should connect to, grouped by node in WuKongIM's shape: the
+    /// app's router plugin (or the global one) decides, with rendezvous hashing as the
+    /// fallback when there is none or it fails.
+    pub fn route(&self, app_id: Option<&str>, users: &[RouteUser], intranet: bool) -> Vec<RouteGroup> {
+        if users.is_empty() {
+            return Vec::new();
+        }
+        let members = self.route_nodes();
+        let nodes: Vec<RouteNode> = members.iter().map(|(n, _)| n.clone()).collect();
+        let plugins = self.plugins.load();
+        let router = match app_id {
+            Some(id) => plugins.app(id).router.as_ref(),
+            None => plugins.global_router.as_ref(),
+        };
+        let assignment = routing::assign(router.map(|r| &**r), app_id.unwrap_or("*"), users, &nodes);
+        let mut groups: Vec<(usize, RouteGroup)> = Vec::new();
+        for (user, node) in users.iter().zip(assignment) {
+            match groups.iter_mut().find(|(n, _)| *n == node) {
+                Some((_, g)) => g.uids.push(user.uid.clone()),
+                None => {
+                    let info = members[node].1;
+                    let addrs = if intranet { &info.intranet } else { &info.external };
+                    groups.push((node, RouteGroup { uids: vec![user.uid.clone()], addrs: addrs.clone() }));
+                }
+            }
+        }
+        groups.into_iter().map(|(_, g)| g).collect()
+    }
+
+    /// Re-reads the plugin configuration (from the config file when the node was started
+    /// from one) and the plugin files, builds and initialises the new set off the async
+    /// runtime, and swaps it in. On any failure the running set stays and the error says
+    /// why. Connections are not touched.
+    pub async fn reload_plugins(&self) -> Result<u64, PluginError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let config = match &self.config.source {
+            Some(path) => Config::load(path).map_err(|e| PluginError::Config(e.to_string()))?,
+            None => self.config.clone(),
+        };
+        let generation = self.plugins.load().generation + 1;
+        let set = tokio::task::spawn_blocking(move || PluginSet::load(&config, generation))
+            .await
+            .map_err(|e| PluginError::Config(format!("plugin loading panicked: {e}")))??;
+        let names: Vec<&str> = set.plugins.keys().map(String::as_str).collect();
+        info!(generation, plugins = ?names, "plugins reloaded");
+        self.plugins.store(Arc::new(set));
+        Ok(generation)
     }
 
     pub fn addrs(&self, intranet: bool) -> &Addrs {

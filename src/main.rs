@@ -69,6 +69,22 @@ enum Command {
     /// Config file commands.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Plugin commands.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Say which world(s) a component implements, what it imports, and whether this host
+    /// can load it. Exit status 0 only when it can.
+    Check {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -104,6 +120,10 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // Inspecting a component needs no config.
+    if let Command::Plugin(PluginCommand::Check { file, json }) = &cli.command {
+        return plugin_check(file, *json);
+    }
     let config = match load(&cli.config) {
         Ok(c) => c,
         Err(code) => return code,
@@ -130,7 +150,32 @@ fn main() -> ExitCode {
             report(runtime().block_on(push(&config, &app, to, &message, from.as_deref(), server, insecure)))
         }
         Command::Serve => report(runtime().block_on(serve(config))),
+        Command::Plugin(_) => unreachable!("handled before the config is loaded"),
     }
+}
+
+fn plugin_check(file: &std::path::Path, json: bool) -> ExitCode {
+    let report = match switchboard::plugin::inspect::check(file) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+    } else {
+        println!("{} ({} bytes)", report.path, report.size_bytes);
+        let list = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join("\n         ") };
+        println!("worlds:  {}", if report.worlds.is_empty() { "none".into() } else { report.worlds.join(", ") });
+        println!("exports: {}", list(&report.exports));
+        println!("imports: {}", list(&report.imports));
+        match &report.unloadable {
+            None => println!("loadable: yes"),
+            Some(why) => println!("loadable: no: {why}"),
+        }
+    }
+    if report.unloadable.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -148,7 +193,21 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    switchboard::run(config, shutdown_signal()).await.context("cannot start")
+    let server = switchboard::Server::bind(config).await.context("cannot start")?;
+    // SIGHUP reloads the plugins, as POST /admin/plugins/reload does.
+    let hub = server.hub().clone();
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match hub.reload_plugins().await {
+                Ok(generation) => tracing::info!(generation, "SIGHUP: plugins reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: plugin reload failed; the previous plugins stay in force")
+                }
+            }
+        }
+    });
+    server.run(shutdown_signal()).await.context("server failed")
 }
 
 async fn push(

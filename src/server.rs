@@ -19,6 +19,7 @@ use crate::api::{self, serve::HttpLimits};
 use crate::cluster::{self, Bound, NodeIdError, NodeInfo};
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::plugin::{PluginError, PluginSet};
 use crate::transport::{tcp, tls, ws};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,8 @@ pub enum StartError {
     Bind { key: &'static str, addr: SocketAddr, source: io::Error },
     #[error(transparent)]
     NodeId(#[from] NodeIdError),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
 }
 
 /// The actual address of each enabled listener.
@@ -92,7 +95,8 @@ impl Server {
         let (external, intranet, warnings) =
             cluster::advertise(&config, &Bound { tcp: addrs.tcp, ws: addrs.ws, wss: addrs.wss });
         let node = NodeInfo { id, external, intranet, warnings };
-        let hub = Hub::new(config, node);
+        let plugins = PluginSet::load(&config, 1)?;
+        let hub = Hub::new(config, node, plugins);
         Ok(Self { hub, addrs, http, https, tcp, ws, wss, tls })
     }
 

@@ -4,6 +4,7 @@
 //! codes. It does not deliver anything itself; it calls the hub. docs/http-api.md is the
 //! human version of this module.
 
+mod admin;
 mod error;
 mod push;
 mod route;
@@ -31,6 +32,8 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/healthz", get(version::healthz))
         .route("/api/v1/push", post(push::push))
         .route("/api/v1/im/push", post(push::push))
+        .route("/admin/plugins", get(admin::plugins))
+        .route("/admin/plugins/reload", post(admin::reload))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -48,8 +48,12 @@ struct PushBody<'a> {
 #[derive(Serialize)]
 pub(super) struct RecipientResult {
     uid: String,
-    /// `delivered`, `dropped` or `offline` (see `protocol::delivery_status`).
+    /// `delivered`, `dropped` or `offline` (see `protocol::delivery_status`), or `denied` /
+    /// `filter_failed` when the app's filters stopped the message for this recipient.
     status: &'static str,
+    /// Why the filters stopped it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
     /// Connections of this user the message was handed to.
     connections: usize,
     /// Connections of this user too slow to take it (being closed as slow consumers).
@@ -170,7 +174,11 @@ pub(super) async fn push(
     let results = results
         .into_iter()
         .map(|r| RecipientResult {
-            status: delivery_status(r.connections, r.dropped),
+            status: match &r.refused {
+                Some(refused) => refused.code.as_str(),
+                None => delivery_status(r.connections, r.dropped),
+            },
+            reason: r.refused.map(|refused| refused.message),
             uid: r.uid,
             connections: r.connections,
             dropped: r.dropped,

@@ -1,5 +1,8 @@
 //! `GET /route` and `POST /route/batch`: which address a client should connect to, in
 //! WuKongIM's response shape.
+//!
+//! Beyond WuKongIM: `app_id` selects the app's router plugin, and a user may come with a
+//! location (`region`, `lat`, `lon`) for geographic routing.
 
 use std::sync::Arc;
 
@@ -7,42 +10,92 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{RawQuery, State};
+use serde::Deserialize;
 
 use super::ApiError;
 use crate::cluster::Addrs;
 use crate::hub::{Hub, RouteGroup};
+use crate::plugin::RouteUser;
 use crate::protocol::valid_uid;
 
-/// `intranet` from the query string: absent or `0` is the public side, `1` the internal one.
-fn intranet(query: &Option<String>) -> Result<bool, ApiError> {
-    let mut intranet = false;
-    for (k, v) in form_urlencoded::parse(query.as_deref().unwrap_or_default().as_bytes()) {
-        if k == "intranet" {
-            intranet = match &*v {
-                "0" | "" => false,
-                "1" => true,
-                _ => return Err(ApiError::bad_request("invalid_parameter", "intranet must be 0 or 1")),
-            };
-        }
-    }
-    Ok(intranet)
+/// The query string of both endpoints.
+#[derive(Debug, Default)]
+struct RouteQuery {
+    intranet: bool,
+    app_id: Option<String>,
+    uid: Option<String>,
+    region: Option<String>,
+    lat: Option<f64>,
+    lon: Option<f64>,
 }
 
-fn query_param(query: &Option<String>, name: &str) -> Option<String> {
-    form_urlencoded::parse(query.as_deref().unwrap_or_default().as_bytes())
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.into_owned())
+fn parse_query(query: &Option<String>) -> Result<RouteQuery, ApiError> {
+    let mut q = RouteQuery::default();
+    let coordinate = |name: &str, v: &str, range: f64| -> Result<f64, ApiError> {
+        v.parse::<f64>().ok().filter(|x| x.abs() <= range).ok_or_else(|| {
+            ApiError::bad_request("invalid_parameter", format!("{name} must be a number within ±{range}"))
+        })
+    };
+    for (k, v) in form_urlencoded::parse(query.as_deref().unwrap_or_default().as_bytes()) {
+        match &*k {
+            "intranet" => {
+                q.intranet = match &*v {
+                    "0" | "" => false,
+                    "1" => true,
+                    _ => return Err(ApiError::bad_request("invalid_parameter", "intranet must be 0 or 1")),
+                }
+            }
+            "app_id" => q.app_id = Some(v.into_owned()),
+            "uid" => q.uid = Some(v.into_owned()),
+            "region" => q.region = Some(v.into_owned()),
+            "lat" => q.lat = Some(coordinate("lat", &v, 90.0)?),
+            "lon" => q.lon = Some(coordinate("lon", &v, 180.0)?),
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+fn check_app(hub: &Hub, app: &Option<String>) -> Result<(), ApiError> {
+    match app {
+        Some(id) if hub.app(id).is_none() => Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "unknown_app",
+            format!("app {id:?} is not configured"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 pub(super) async fn route(State(hub): State<Arc<Hub>>, RawQuery(query): RawQuery) -> Result<Json<Addrs>, ApiError> {
-    let intranet = intranet(&query)?;
-    let uid = query_param(&query, "uid");
-    if let Some(uid) = &uid
-        && !valid_uid(uid)
-    {
+    let q = parse_query(&query)?;
+    check_app(&hub, &q.app_id)?;
+    let Some(uid) = q.uid else {
+        // No user named: this node, like WuKongIM.
+        return Ok(Json(hub.addrs(q.intranet).clone()));
+    };
+    if !valid_uid(&uid) {
         return Err(ApiError::bad_request("invalid_uid", "uid must be 1-128 bytes without control characters"));
     }
-    Ok(Json(hub.route_user(uid.as_deref(), intranet)))
+    let user = RouteUser { uid, region: q.region, lat: q.lat, lon: q.lon, metadata: Vec::new() };
+    let group = hub.route(q.app_id.as_deref(), std::slice::from_ref(&user), q.intranet).into_iter().next();
+    Ok(Json(group.map(|g| g.addrs).unwrap_or_else(|| hub.addrs(q.intranet).clone())))
+}
+
+/// A batch entry: a bare user id (WuKongIM) or an object with a location.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum BatchUser {
+    Uid(String),
+    Located {
+        uid: String,
+        #[serde(default)]
+        region: Option<String>,
+        #[serde(default)]
+        lat: Option<f64>,
+        #[serde(default)]
+        lon: Option<f64>,
+    },
 }
 
 pub(super) async fn batch(
@@ -50,23 +103,40 @@ pub(super) async fn batch(
     RawQuery(query): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Vec<RouteGroup>>, ApiError> {
-    let intranet = intranet(&query)?;
+    let q = parse_query(&query)?;
+    check_app(&hub, &q.app_id)?;
     let body = body?;
-    let uids: Vec<String> = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request("invalid_body", format!("body must be a JSON array of user id strings: {e}"))
+    let entries: Vec<BatchUser> = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_body",
+            format!("body must be a JSON array of user ids (or {{\"uid\",\"region\",\"lat\",\"lon\"}} objects): {e}"),
+        )
     })?;
     let max = hub.config().route.batch_max_uids;
-    if uids.len() > max {
+    if entries.len() > max {
         return Err(ApiError::bad_request(
             "too_many_uids",
             format!("at most {max} uids per request (route.batch_max_uids)"),
         ));
     }
-    if let Some(i) = uids.iter().position(|u| !valid_uid(u)) {
-        return Err(ApiError::bad_request(
-            "invalid_uid",
-            format!("uids[{i}] must be 1-128 bytes without control characters"),
-        ));
+    let mut users = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.into_iter().enumerate() {
+        let user = match entry {
+            BatchUser::Uid(uid) => RouteUser { uid, ..RouteUser::default() },
+            BatchUser::Located { uid, region, lat, lon } => {
+                if lat.is_some_and(|x| x.abs() > 90.0) || lon.is_some_and(|x| x.abs() > 180.0) {
+                    return Err(ApiError::bad_request("invalid_body", format!("uids[{i}]: lat/lon out of range")));
+                }
+                RouteUser { uid, region, lat, lon, metadata: Vec::new() }
+            }
+        };
+        if !valid_uid(&user.uid) {
+            return Err(ApiError::bad_request(
+                "invalid_uid",
+                format!("uids[{i}] must be 1-128 bytes without control characters"),
+            ));
+        }
+        users.push(user);
     }
-    Ok(Json(hub.route(uids, intranet)))
+    Ok(Json(hub.route(q.app_id.as_deref(), &users, q.intranet)))
 }

@@ -26,6 +26,10 @@ pub enum ErrorCode {
     TokenExpired,
     TokenNotYetValid,
     TokenClaims,
+    AuthRejected,
+    AuthUnavailable,
+    Denied,
+    FilterFailed,
     TooManyConnections,
     TooManyDevices,
     SlowConsumer,
@@ -58,6 +62,10 @@ impl ErrorCode {
             TokenExpired => "token_expired",
             TokenNotYetValid => "token_not_yet_valid",
             TokenClaims => "token_claims",
+            AuthRejected => "auth_rejected",
+            AuthUnavailable => "auth_unavailable",
+            Denied => "denied",
+            FilterFailed => "filter_failed",
             TooManyConnections => "too_many_connections",
             TooManyDevices => "too_many_devices",
             SlowConsumer => "slow_consumer",
@@ -75,14 +83,14 @@ impl ErrorCode {
             InvalidUtf8 => 1007,
             ProtocolError | ConnectRequired | ConnectTimeout => 1002,
             UnknownApp | TokenMissing | TokenMalformed | TokenAlgorithm | TokenSignature | TokenExpired
-            | TokenNotYetValid | TokenClaims => 4001,
-            TooManyConnections | TooManyDevices => 1013,
+            | TokenNotYetValid | TokenClaims | AuthRejected => 4001,
+            TooManyConnections | TooManyDevices | AuthUnavailable => 1013,
             SlowConsumer => 4008,
             IdleTimeout => 4010,
             ServerShutdown => 1001,
             Internal => 1011,
             InvalidJson | InvalidFrame | UnknownType | BinaryUnsupported | InvalidRecipient | RateLimited
-            | AlreadyConnected => 1008,
+            | AlreadyConnected | Denied | FilterFailed => 1008,
         }
     }
 

@@ -158,6 +158,9 @@ pub enum ServerFrame<'a> {
     Error {
         code: ErrorCode,
         message: &'a str,
+        /// An authenticator plugin's own rejection code (`auth_rejected`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         client_id: Option<&'a str>,
         #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -317,8 +320,13 @@ mod tests {
 
     #[test]
     fn error_frame_shape() {
-        let f =
-            ServerFrame::Error { code: ErrorCode::RateLimited, message: "slow down", client_id: None, fatal: false };
+        let f = ServerFrame::Error {
+            code: ErrorCode::RateLimited,
+            message: "slow down",
+            reason: None,
+            client_id: None,
+            fatal: false,
+        };
         assert_eq!(f.encode().as_str(), r#"{"type":"error","code":"rate_limited","message":"slow down"}"#);
     }
 }

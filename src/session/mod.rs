@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{Instrument, debug, info_span};
 
-use crate::hub::{App, ConnGuard, Hub};
+use crate::hub::{App, ConnGuard, Hub, Identity};
 use crate::protocol::{ClientFrame, ErrorCode, Frame, ServerFrame, decode_client_frame, delivery_status};
 use crate::registry::{SessionControl, SessionHandle};
 use crate::transport::{FrameIo, Inbound, Outbound, ReadError, Transport};
@@ -70,7 +70,8 @@ impl ConnectRequest {
     }
 }
 
-fn describe(code: ErrorCode) -> &'static str {
+/// A human sentence for a connection-ending error code.
+pub(crate) fn describe(code: ErrorCode) -> &'static str {
     match code {
         ErrorCode::UnknownApp => "app_id is missing or not configured on this node",
         ErrorCode::TokenMissing => "no token was given",
@@ -89,8 +90,12 @@ fn describe(code: ErrorCode) -> &'static str {
 }
 
 /// Tells a client why it is being disconnected, then closes, all within [`CLOSE_TIMEOUT`].
-pub async fn reject<T: FrameIo>(mut io: T, code: ErrorCode, message: &str) {
-    let frame = ServerFrame::Error { code, message, client_id: None, fatal: true }.encode();
+pub async fn reject<T: FrameIo>(io: T, code: ErrorCode, message: &str) {
+    reject_with_reason(io, code, message, None).await
+}
+
+async fn reject_with_reason<T: FrameIo>(mut io: T, code: ErrorCode, message: &str, reason: Option<&str>) {
+    let frame = ServerFrame::Error { code, message, reason, client_id: None, fatal: true }.encode();
     let _ = timeout(CLOSE_TIMEOUT, async {
         io.feed(Outbound::Frame(frame)).await?;
         io.feed(Outbound::Close(code)).await?;
@@ -101,11 +106,11 @@ pub async fn reject<T: FrameIo>(mut io: T, code: ErrorCode, message: &str) {
 
 /// Authenticates a connection and, if it is accepted, runs its session to the end.
 pub async fn start<T: FrameIo>(io: T, hub: Arc<Hub>, request: ConnectRequest, guard: ConnGuard) {
-    let (app, uid) = match hub.authenticate(request.app_id.as_deref(), request.token.as_deref()) {
-        Ok(ok) => ok,
-        Err(code) => {
-            debug!(remote = %request.remote, transport = %request.transport, app = request.app_id.as_deref().unwrap_or(""), %code, "connect rejected");
-            return reject(io, code, describe(code)).await;
+    let Identity { app, uid, metadata } = match hub.authenticate(&request) {
+        Ok(identity) => identity,
+        Err(refusal) => {
+            debug!(remote = %request.remote, transport = %request.transport, app = request.app_id.as_deref().unwrap_or(""), code = %refusal.code, reason = refusal.reason.as_deref().unwrap_or(""), "connect rejected");
+            return reject_with_reason(io, refusal.code, &refusal.message, refusal.reason.as_deref()).await;
         }
     };
     let conn_id = hub.next_conn_id();
@@ -123,6 +128,7 @@ pub async fn start<T: FrameIo>(io: T, hub: Arc<Hub>, request: ConnectRequest, gu
         hub: hub.clone(),
         app: app.clone(),
         uid,
+        metadata,
         conn_id,
         rx,
         control,
@@ -147,6 +153,8 @@ struct Session<T> {
     hub: Arc<Hub>,
     app: Arc<App>,
     uid: String,
+    /// Identity metadata from the app's authenticator, shown to its filters.
+    metadata: Vec<(String, String)>,
     conn_id: u64,
     rx: mpsc::Receiver<Frame>,
     control: Arc<SessionControl>,
@@ -314,7 +322,10 @@ impl<T: FrameIo> Session<T> {
                     let msg = "over limits.messages_per_second; the frame was dropped";
                     return self.error(ErrorCode::RateLimited, msg, client_id).await;
                 }
-                let sent = self.hub.send_direct(&self.app, &self.uid, &send.to, send.data).await;
+                let sent = match self.hub.send_direct(&self.app, &self.uid, &self.metadata, &send.to, send.data).await {
+                    Ok(sent) => sent,
+                    Err(refused) => return self.error(refused.code, &refused.message, client_id).await,
+                };
                 let ack = ServerFrame::Ack {
                     client_id,
                     msg_id: &sent.msg_id,
@@ -333,7 +344,7 @@ impl<T: FrameIo> Session<T> {
     }
 
     async fn error(&mut self, code: ErrorCode, message: &str, client_id: Option<&str>) -> Result<(), Exit> {
-        self.write(ServerFrame::Error { code, message, client_id, fatal: false }.encode()).await
+        self.write(ServerFrame::Error { code, message, reason: None, client_id, fatal: false }.encode()).await
     }
 
     async fn write(&mut self, frame: Frame) -> Result<(), Exit> {
@@ -467,7 +478,7 @@ mod tests {
         tweak(&mut config);
         let node =
             NodeInfo { id: "n1".into(), external: Addrs::default(), intranet: Addrs::default(), warnings: vec![] };
-        let hub = Hub::new(config, node);
+        let hub = Hub::new(config, node, crate::plugin::PluginSet::default());
         let (to_server, inbound) = unbounded_channel();
         let (outbound, from_server) = unbounded_channel();
         let request = ConnectRequest {

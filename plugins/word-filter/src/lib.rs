@@ -1,0 +1,96 @@
+//! A message filter that denies messages containing listed words and masks others.
+//!
+//! Config (`[plugins.config]` in the gateway's config.toml):
+//! ```toml
+//! deny = ["spam", "scam"]   # any of these in any string of the message: deny
+//! mask = ["darn"]           # replaced by asterisks of the same length: rewrite
+//! ```
+//! Matching is case-insensitive (ASCII) on every string value inside the message's JSON.
+
+use std::cell::RefCell;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+wit_bindgen::generate!({ world: "message-filter", path: "../../wit" });
+
+use exports::switchboard::policy::filter::{Guest, Message, Verdict};
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    #[serde(default)]
+    deny: Vec<String>,
+    #[serde(default)]
+    mask: Vec<String>,
+}
+
+thread_local! {
+    static CONFIG: RefCell<Config> = RefCell::new(Config::default());
+}
+
+struct WordFilter;
+
+/// Finds `needle` in `hay` ignoring ASCII case; returns byte offsets of every match.
+fn find_all(hay: &str, needle: &str) -> Vec<usize> {
+    let (h, n) = (hay.as_bytes(), needle.as_bytes());
+    if n.is_empty() || n.len() > h.len() {
+        return Vec::new();
+    }
+    (0..=h.len() - n.len()).filter(|&i| h[i..i + n.len()].eq_ignore_ascii_case(n)).collect()
+}
+
+/// Visits every string in `v`; `f` may change it and returns whether it did.
+fn visit_strings(v: &mut Value, f: &mut impl FnMut(&mut String) -> bool) -> bool {
+    match v {
+        Value::String(s) => f(s),
+        Value::Array(items) => items.iter_mut().fold(false, |changed, item| visit_strings(item, f) | changed),
+        Value::Object(map) => map.values_mut().fold(false, |changed, item| visit_strings(item, f) | changed),
+        _ => false,
+    }
+}
+
+impl Guest for WordFilter {
+    fn init(config: String) -> Result<(), String> {
+        let parsed: Config = serde_json::from_str(&config).map_err(|e| format!("word-filter config: {e}"))?;
+        if parsed.deny.iter().chain(&parsed.mask).any(|w| w.is_empty()) {
+            return Err("word-filter config: words must not be empty".into());
+        }
+        CONFIG.with(|c| *c.borrow_mut() = parsed);
+        Ok(())
+    }
+
+    fn filter(message: Message) -> Verdict {
+        let Ok(mut data) = serde_json::from_str::<Value>(&message.data) else {
+            return Verdict::Deny("message is not JSON".into());
+        };
+        CONFIG.with(|c| {
+            let config = c.borrow();
+            let mut denied = None;
+            visit_strings(&mut data, &mut |s| {
+                if denied.is_none() {
+                    denied = config.deny.iter().find(|w| !find_all(s, w).is_empty()).cloned();
+                }
+                false
+            });
+            if let Some(word) = denied {
+                return Verdict::Deny(format!("message contains a blocked word ({word})"));
+            }
+            let changed = visit_strings(&mut data, &mut |s| {
+                let mut changed = false;
+                for word in &config.mask {
+                    for at in find_all(s, word) {
+                        // Every match is ASCII-case-equal to an ASCII-or-not word of the
+                        // same byte length, so the range sits on char boundaries.
+                        s.replace_range(at..at + word.len(), &"*".repeat(word.len()));
+                        changed = true;
+                    }
+                }
+                changed
+            });
+            if changed { Verdict::Rewrite(data.to_string()) } else { Verdict::Allow }
+        })
+    }
+}
+
+export!(WordFilter);

@@ -1,0 +1,87 @@
+//! `/admin/...`: operator endpoints, behind the `[admin] token` bearer token.
+//!
+//! - `GET /admin/plugins`: the plugin set in force and per (plugin, app) metrics.
+//! - `POST /admin/plugins/reload`: re-read plugin config and files and swap them in.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+
+use super::ApiError;
+use crate::hub::Hub;
+use crate::plugin::{MetricsSnapshot, PluginSet};
+
+fn authorize(hub: &Hub, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &hub.config().admin.token else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "admin_disabled",
+            "admin endpoints are off; set [admin] token in the config",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("admin_unauthorized", "send Authorization: Bearer <[admin] token>"))
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct PluginView {
+    name: String,
+    world: &'static str,
+    path: String,
+    failure: crate::config::FailurePolicy,
+    deadline_ms: f64,
+}
+
+#[derive(Serialize)]
+pub(super) struct PluginsView {
+    generation: u64,
+    plugins: Vec<PluginView>,
+    metrics: Vec<MetricsSnapshot>,
+}
+
+fn view(set: &PluginSet) -> PluginsView {
+    PluginsView {
+        generation: set.generation,
+        plugins: set
+            .plugins
+            .values()
+            .map(|p| PluginView {
+                name: p.name.to_string(),
+                world: p.world.as_str(),
+                path: p.path.display().to_string(),
+                failure: p.failure,
+                deadline_ms: p.deadline.as_secs_f64() * 1000.0,
+            })
+            .collect(),
+        metrics: set.metrics(),
+    }
+}
+
+pub(super) async fn plugins(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Result<Json<PluginsView>, ApiError> {
+    authorize(&hub, &headers)?;
+    Ok(Json(view(&hub.plugins())))
+}
+
+pub(super) async fn reload(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Result<Json<PluginsView>, ApiError> {
+    authorize(&hub, &headers)?;
+    match hub.reload_plugins().await {
+        Ok(_) => Ok(Json(view(&hub.plugins()))),
+        Err(e) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reload_failed",
+            format!("{e}; the previous plugins stay in force"),
+        )),
+    }
+}

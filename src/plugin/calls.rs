@@ -1,0 +1,255 @@
+//! The three kinds of call, with what the gateway passes in and what it accepts back.
+//! Everything a plugin returns is checked here: a plugin that returns garbage fails the
+//! call (`invalid_output`) instead of reaching clients.
+
+use serde_json::value::RawValue;
+
+use super::bindings::{auth, filter, routing, types};
+use super::pool::{Guest, Pool};
+use super::{Failure, FailureKind};
+use crate::protocol::valid_uid;
+use crate::transport::Transport;
+
+/// Metadata pairs an authenticator may attach to an identity.
+const MAX_METADATA: usize = 32;
+const MAX_METADATA_KEY: usize = 64;
+const MAX_METADATA_VALUE: usize = 512;
+/// Longest rejection code / deny reason passed on to a client.
+const MAX_CODE: usize = 64;
+const MAX_REASON: usize = 256;
+
+fn pairs(list: &[(String, String)]) -> Vec<types::PairParam<'_>> {
+    list.iter().map(|(k, v)| types::PairParam { key: k, value: v }).collect()
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+fn invalid(message: impl Into<String>) -> Failure {
+    Failure::new(FailureKind::InvalidOutput, message.into())
+}
+
+/// What an authenticator sees of a connection attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthRequest<'a> {
+    pub app_id: &'a str,
+    pub token: &'a str,
+    pub transport: Transport,
+    pub remote_addr: &'a str,
+    pub params: &'a [(String, String)],
+    pub verified_uid: Option<&'a str>,
+}
+
+/// An authenticator's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthOutcome {
+    Accept { uid: String, metadata: Vec<(String, String)> },
+    Reject { code: String, message: String },
+}
+
+/// A message as filters see it.
+#[derive(Debug, Clone, Copy)]
+pub struct FilterMessage<'a> {
+    pub app_id: &'a str,
+    pub from: &'a str,
+    pub to: &'a str,
+    pub event: u16,
+    pub data: &'a str,
+    pub msg_id: &'a str,
+    pub send_at: u64,
+    pub sender_metadata: &'a [(String, String)],
+}
+
+/// A filter's answer.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    Allow,
+    Deny(String),
+    /// Valid JSON, within the size limit.
+    Rewrite(Box<RawValue>),
+}
+
+/// A user to place, as routers see it.
+#[derive(Debug, Clone, Default)]
+pub struct RouteUser {
+    pub uid: String,
+    pub region: Option<String>,
+    pub lat: Option<f64>,
+    pub lon: Option<f64>,
+    pub metadata: Vec<(String, String)>,
+}
+
+/// A node users can be placed on.
+#[derive(Debug, Clone, Default)]
+pub struct RouteNode {
+    pub id: String,
+    pub region: Option<String>,
+    pub lat: Option<f64>,
+    pub lon: Option<f64>,
+    pub connections: u64,
+    pub capacity: u64,
+    pub draining: bool,
+}
+
+impl Pool {
+    fn expect_world<'g, T>(
+        &self,
+        guest: &'g Guest,
+        pick: impl FnOnce(&'g Guest) -> Option<&'g T>,
+    ) -> wasmtime::Result<&'g T> {
+        pick(guest)
+            .ok_or_else(|| wasmtime::format_err!("plugin {} is not of the world this call needs", self.plugin.name))
+    }
+
+    pub fn authenticate(&self, req: &AuthRequest<'_>) -> Result<AuthOutcome, Failure> {
+        let params = pairs(req.params);
+        let request = auth::ConnectRequest {
+            app_id: req.app_id,
+            token: req.token,
+            transport: match req.transport {
+                Transport::Tcp => types::Transport::Tcp,
+                Transport::Ws => types::Transport::Ws,
+                Transport::Wss => types::Transport::Wss,
+            },
+            remote_addr: req.remote_addr,
+            params: &params,
+            verified_uid: req.verified_uid,
+        };
+        let answer = self.call(|guest, store| {
+            let g = self.expect_world(guest, |g| if let Guest::Auth(a) = g { Some(a) } else { None })?;
+            g.call_authenticate(store, request)
+        })?;
+        match answer {
+            Ok(identity) => {
+                if !valid_uid(&identity.uid) {
+                    return Err(
+                        self.invalid_output("returned a uid that is empty, over 128 bytes or has control characters")
+                    );
+                }
+                if let Some(verified) = req.verified_uid
+                    && verified != identity.uid
+                {
+                    return Err(self.invalid_output("changed the user id the JWT established"));
+                }
+                if identity.metadata.len() > MAX_METADATA
+                    || identity.metadata.iter().any(|p| {
+                        p.key.is_empty() || p.key.len() > MAX_METADATA_KEY || p.value.len() > MAX_METADATA_VALUE
+                    })
+                {
+                    return Err(self
+                        .invalid_output("returned metadata over its limits (32 pairs, keys 1-64, values 512 bytes)"));
+                }
+                let metadata = identity.metadata.into_iter().map(|p| (p.key, p.value)).collect();
+                Ok(AuthOutcome::Accept { uid: identity.uid, metadata })
+            }
+            Err(rejection) => {
+                self.count_denial();
+                Ok(AuthOutcome::Reject {
+                    code: truncate(rejection.code, MAX_CODE),
+                    message: truncate(rejection.message, MAX_REASON),
+                })
+            }
+        }
+    }
+
+    /// Filters one message. A rewrite must be valid JSON of at most `max_bytes`.
+    pub fn filter(&self, m: &FilterMessage<'_>, max_bytes: usize) -> Result<Verdict, Failure> {
+        let metadata = pairs(m.sender_metadata);
+        let message = filter::Message {
+            app_id: m.app_id,
+            from: m.from,
+            to: m.to,
+            event: m.event,
+            data: m.data,
+            msg_id: m.msg_id,
+            send_at: m.send_at,
+            sender_metadata: &metadata,
+        };
+        let verdict = self.call(|guest, store| {
+            let g = self.expect_world(guest, |g| if let Guest::Filter(f) = g { Some(f) } else { None })?;
+            g.call_filter(store, message)
+        })?;
+        match verdict {
+            filter::Verdict::Allow => Ok(Verdict::Allow),
+            filter::Verdict::Deny(reason) => {
+                self.count_denial();
+                Ok(Verdict::Deny(truncate(reason, MAX_REASON)))
+            }
+            filter::Verdict::Rewrite(text) => {
+                if text.len() > max_bytes {
+                    return Err(self.invalid_output(format!(
+                        "rewrote the message to {} bytes, over the {max_bytes}-byte limit",
+                        text.len()
+                    )));
+                }
+                match RawValue::from_string(text) {
+                    Ok(raw) => Ok(Verdict::Rewrite(raw)),
+                    Err(e) => Err(self.invalid_output(format!("rewrote the message to invalid JSON: {e}"))),
+                }
+            }
+        }
+    }
+
+    /// One node index per user; every index is in range and names a live node.
+    pub fn route(&self, app: &str, users: &[RouteUser], nodes: &[RouteNode]) -> Result<Vec<usize>, Failure> {
+        let metadata: Vec<Vec<types::PairParam<'_>>> = users.iter().map(|u| pairs(&u.metadata)).collect();
+        let wit_users: Vec<routing::User<'_>> = users
+            .iter()
+            .zip(&metadata)
+            .map(|(u, m)| routing::User {
+                uid: &u.uid,
+                region: u.region.as_deref(),
+                lat: u.lat,
+                lon: u.lon,
+                metadata: m,
+            })
+            .collect();
+        let wit_nodes: Vec<routing::Node<'_>> = nodes
+            .iter()
+            .map(|n| routing::Node {
+                id: &n.id,
+                region: n.region.as_deref(),
+                lat: n.lat,
+                lon: n.lon,
+                connections: n.connections,
+                capacity: n.capacity,
+                draining: n.draining,
+            })
+            .collect();
+        let answer = self.call(|guest, store| {
+            let g = self.expect_world(guest, |g| if let Guest::Router(r) = g { Some(r) } else { None })?;
+            g.call_route(store, app, &wit_users, &wit_nodes)
+        })?;
+        let indexes = answer.map_err(|message| {
+            self.count_error(FailureKind::Declined);
+            Failure::new(FailureKind::Declined, format!("the router declined: {}", truncate(message, MAX_REASON)))
+        })?;
+        if indexes.len() != users.len() {
+            return Err(self.invalid_output(format!(
+                "returned {} node indexes for {} users",
+                indexes.len(),
+                users.len()
+            )));
+        }
+        if let Some(bad) = indexes.iter().find(|&&i| i as usize >= nodes.len()) {
+            return Err(self.invalid_output(format!("returned node index {bad}, but there are {} nodes", nodes.len())));
+        }
+        if let Some(&i) = indexes.iter().find(|&&i| nodes[i as usize].draining) {
+            return Err(self.invalid_output(format!("placed a user on draining node {}", nodes[i as usize].id)));
+        }
+        Ok(indexes.into_iter().map(|i| i as usize).collect())
+    }
+
+    fn invalid_output(&self, what: impl std::fmt::Display) -> Failure {
+        self.count_error(FailureKind::InvalidOutput);
+        invalid(format!("plugin {} {what}", self.plugin.name))
+    }
+}

@@ -1,0 +1,94 @@
+//! The process's one wasmtime `Engine`, the epoch ticker that enforces call deadlines, and
+//! compilation with an on-disk cache of precompiled components.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tracing::{debug, warn};
+use wasmtime::component::Component;
+use wasmtime::{Config, Engine};
+
+/// One epoch tick. Deadlines are whole ticks, so a deadline of `d` fires between `d` and
+/// `d + TICK` after a call starts.
+pub const TICK: Duration = Duration::from_millis(1);
+
+static ENGINE: OnceLock<Engine> = OnceLock::new();
+static START: OnceLock<Instant> = OnceLock::new();
+
+/// The engine every plugin is compiled and run with. The first call starts the epoch
+/// ticker thread.
+pub fn engine() -> &'static Engine {
+    ENGINE.get_or_init(|| {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.wasm_component_model(true);
+        let engine = Engine::new(&config).expect("the wasmtime configuration is valid on this host");
+        let ticker = engine.clone();
+        std::thread::Builder::new()
+            .name("plugin-epoch".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(TICK);
+                    ticker.increment_epoch();
+                }
+            })
+            .expect("the epoch ticker thread starts");
+        engine
+    })
+}
+
+/// Nanoseconds since the first call; what plugins see as their monotonic clock.
+pub fn monotonic_nanos() -> u64 {
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Ticks to give a call so that it runs for at least `deadline`.
+pub fn deadline_ticks(deadline: Duration) -> u64 {
+    (deadline.as_nanos().div_ceil(TICK.as_nanos()) as u64).max(1) + 1
+}
+
+/// The cache file name for `wasm`: its content hash and the engine's compatibility hash, so
+/// a changed plugin or an upgraded engine never loads a stale artifact.
+fn cache_key(engine: &Engine, wasm: &[u8]) -> String {
+    let mut compat = DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut compat);
+    format!("{}-{:016x}.cwasm", hex::encode(Sha256::digest(wasm)), compat.finish())
+}
+
+/// Compiles `wasm`, or loads it from `cache_dir` when it was compiled before.
+pub fn compile(engine: &Engine, wasm: &[u8], cache_dir: Option<&Path>) -> wasmtime::Result<Component> {
+    let Some(dir) = cache_dir else { return Component::new(engine, wasm) };
+    let path = dir.join(cache_key(engine, wasm));
+    if path.is_file() {
+        // SAFETY: the file was written by `Component::serialize` of this same engine
+        // configuration (its name carries the content and compatibility hashes), in a
+        // directory only this node writes; wasmtime additionally checks the artifact's
+        // header for version and configuration compatibility before using it.
+        #[allow(unsafe_code)]
+        match unsafe { Component::deserialize_file(engine, &path) } {
+            Ok(component) => {
+                debug!(path = %path.display(), "plugin loaded from the compile cache");
+                return Ok(component);
+            }
+            Err(e) => warn!(path = %path.display(), error = %e, "ignoring an unusable compile cache entry"),
+        }
+    }
+    let component = Component::new(engine, wasm)?;
+    if let Err(e) = write_cache(dir, &path, &component) {
+        warn!(path = %path.display(), error = %e, "cannot write the plugin compile cache");
+    }
+    Ok(component)
+}
+
+fn write_cache(dir: &Path, path: &Path, component: &Component) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let bytes = component.serialize().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

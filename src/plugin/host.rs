@@ -1,0 +1,94 @@
+//! What the host gives each plugin instance: its store data, the `host` imports (log and
+//! clocks), and the memory limit.
+
+use std::sync::Arc;
+
+use wasmtime::ResourceLimiter;
+
+use super::bindings::host::{self, Level};
+
+/// Log lines one instance may write per call; more are dropped (and counted) so that a
+/// chatty or looping plugin cannot flood the node's log.
+const LOG_LINES_PER_CALL: u32 = 32;
+/// Longest log line kept from a plugin.
+const LOG_LINE_MAX: usize = 1024;
+
+/// The data of one plugin instance's store.
+#[derive(Debug)]
+pub struct HostState {
+    pub plugin: Arc<str>,
+    pub app: Arc<str>,
+    pub limiter: MemoryLimiter,
+    logs_this_call: u32,
+}
+
+impl HostState {
+    pub fn new(plugin: Arc<str>, app: Arc<str>, memory_limit_bytes: usize) -> Self {
+        Self { plugin, app, limiter: MemoryLimiter { max_bytes: memory_limit_bytes, denied: false }, logs_this_call: 0 }
+    }
+
+    /// Resets per-call state before a call.
+    pub fn begin_call(&mut self) {
+        self.logs_this_call = 0;
+        self.limiter.denied = false;
+    }
+}
+
+/// Caps an instance's linear memory. Refusing growth makes the guest's allocator fail,
+/// which in a Rust guest aborts: a trap we then attribute to memory thanks to `denied`.
+#[derive(Debug)]
+pub struct MemoryLimiter {
+    max_bytes: usize,
+    /// Set when growth was refused; the failure that follows is a memory failure.
+    pub denied: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.denied = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: Level, message: String) {
+        self.logs_this_call += 1;
+        if self.logs_this_call > LOG_LINES_PER_CALL {
+            return;
+        }
+        let mut message = message;
+        if message.len() > LOG_LINE_MAX {
+            let mut cut = LOG_LINE_MAX;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        let (plugin, app) = (&*self.plugin, &*self.app);
+        match level {
+            Level::Trace => tracing::trace!(plugin, app, "{message}"),
+            Level::Debug => tracing::debug!(plugin, app, "{message}"),
+            Level::Info => tracing::info!(plugin, app, "{message}"),
+            Level::Warn => tracing::warn!(plugin, app, "{message}"),
+            Level::Error => tracing::error!(plugin, app, "{message}"),
+        }
+    }
+
+    fn monotonic_now(&mut self) -> u64 {
+        super::engine::monotonic_nanos()
+    }
+
+    fn wall_now_ms(&mut self) -> u64 {
+        crate::protocol::now_ms()
+    }
+}
+
+impl super::bindings::types::Host for HostState {}
