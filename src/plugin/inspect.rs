@@ -13,10 +13,11 @@ use super::bindings::{auth, filter, routing};
 use super::host::HostState;
 use crate::config::World;
 
-/// Names of a component's exports; instances are listed with their functions.
-pub fn exported_names(engine: &Engine, component: &Component) -> Vec<String> {
+/// A component's exports as `(name, description)`; instances are described with their
+/// functions.
+pub fn exports(engine: &Engine, component: &Component) -> Vec<(String, String)> {
     let ty = component.component_type();
-    ty.exports(engine).map(|(name, item)| describe(engine, name, &item.ty)).collect()
+    ty.exports(engine).map(|(name, item)| (name.to_string(), describe(engine, name, &item.ty))).collect()
 }
 
 fn describe(engine: &Engine, name: &str, item: &ComponentItem) -> String {
@@ -66,7 +67,7 @@ pub fn check(path: &Path) -> Result<Report, String> {
         .map_err(|e| format!("{} is not a WebAssembly component this host can compile: {e:#}", path.display()))?;
     let ty = component.component_type();
     let imports = ty.imports(engine).map(|(name, item)| describe(engine, name, &item.ty)).collect();
-    let exports = exported_names(engine, &component);
+    let exports = exports(engine, &component).into_iter().map(|(_, described)| described).collect();
     let linked = super::linker(engine).and_then(|l| l.instantiate_pre(&component));
     let (worlds, unloadable) = match &linked {
         Ok(pre) => {

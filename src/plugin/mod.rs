@@ -259,14 +259,15 @@ fn load_plugin(
         path: path.clone(),
         message: format!("{e:#}"),
     })?;
-    let exports = inspect::exported_names(engine, &component);
-    if !exports.iter().any(|e| e == p.world.export()) {
+    let exports = inspect::exports(engine, &component);
+    if !exports.iter().any(|(name, _)| name == p.world.export()) {
+        let described: Vec<String> = exports.into_iter().map(|(_, d)| d).collect();
         return Err(PluginError::WrongWorld {
             name: p.name.clone(),
             path,
             world: p.world.as_str(),
             expected: p.world.export(),
-            exports: if exports.is_empty() { "nothing".into() } else { exports.join(", ") },
+            exports: if described.is_empty() { "nothing".into() } else { described.join(", ") },
         });
     }
     let link_err =

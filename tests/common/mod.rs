@@ -36,6 +36,7 @@ pub fn base_config() -> Config {
         r#"
 [node]
 id = "test-node"
+data_dir = "{data_dir}"
 [listeners.http]
 bind = "127.0.0.1:0"
 [listeners.https]
@@ -53,9 +54,23 @@ reconnect_jitter = "1s"
 secret = "{DEMO_SECRET}"
 [apps.other]
 secret = "{OTHER_SECRET}"
-"#
+"#,
+        data_dir = test_data_dir().display()
     );
     text.parse().expect("base test config is valid")
+}
+
+/// Shared by every test server: holds the plugin compile cache (never a node id: test
+/// configs set one).
+pub fn test_data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-data")
+}
+
+/// A component built by plugins/build.sh.
+pub fn plugin_path(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins/dist").join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} is missing: run plugins/build.sh (scripts/test.sh does)", path.display());
+    path
 }
 
 pub fn secret_of(app: &str) -> &'static str {
@@ -117,6 +132,11 @@ impl TestServer {
         tweak(&mut config);
         config.validate().expect("test config is valid");
         Self::start(config, Some(cert)).await
+    }
+
+    /// Starts a server from a config file (so that a plugin reload re-reads it).
+    pub async fn from_file(path: &std::path::Path) -> Self {
+        Self::start(Config::load(path).expect("test config file is valid"), None).await
     }
 
     async fn start(config: Config, cert: Option<TestCert>) -> Self {
@@ -233,10 +253,15 @@ impl TestServer {
     /// Proves the server still serves well-behaved clients: two fresh users exchange a
     /// message over WS and TCP and the sender gets its ack.
     pub async fn assert_healthy(&self) {
+        self.assert_healthy_in("demo").await
+    }
+
+    /// [`assert_healthy`](Self::assert_healthy) for users of `app`.
+    pub async fn assert_healthy_in(&self, app: &str) {
         let n = rand_hex();
         let (a, b) = (format!("healthy-a-{n}"), format!("healthy-b-{n}"));
-        let mut sender = self.ws("demo", &a).await;
-        let mut receiver = self.tcp("demo", &b).await;
+        let mut sender = self.ws(app, &a).await;
+        let mut receiver = self.tcp(app, &b).await;
         sender.send_json(&json!({"to": b, "data": {"check": n}, "client_id": "h1"})).await;
         let ack = sender.recv().await;
         assert_eq!(ack["type"], "ack", "{ack}");
