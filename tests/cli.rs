@@ -221,3 +221,62 @@ fn serve_refuses_bad_tls_naming_the_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tls.cert") && err.contains("junk.pem"), "{err}");
 }
+
+#[tokio::test]
+async fn sighup_reloads_plugins() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = "admin-token-0123456789abcdef";
+    let write_cfg = |deny: &str| {
+        write(
+            dir.path(),
+            "hup.toml",
+            &format!(
+                "[node]\nid = \"hup\"\ndata_dir = \"{data}\"\n[listeners.http]\nbind = \"127.0.0.1:0\"\n\
+                 [listeners.tcp]\nenabled = false\n[listeners.ws]\nbind = \"127.0.0.1:0\"\n\
+                 [admin]\ntoken = \"{admin}\"\n\
+                 [[plugins]]\nname = \"words\"\npath = \"{wasm}\"\nworld = \"message-filter\"\n\
+                 [plugins.config]\ndeny = [\"{deny}\"]\n\
+                 [apps.demo]\nsecret = \"{DEMO_SECRET}\"\nfilters = [\"words\"]\n",
+                data = test_data_dir().display(),
+                wasm = plugin_path("word-filter").display(),
+            ),
+        )
+    };
+    let cfg = write_cfg("spam");
+    let mut child = bin().arg("-c").arg(&cfg).arg("serve").stderr(Stdio::piped()).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("switchboard listening") || line.contains("SIGHUP") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let listening = rx.recv_timeout(WAIT).expect("server becomes ready");
+    let http = logged_addr(&listening, "http");
+    let generation = || async {
+        let v: serde_json::Value = reqwest::Client::new()
+            .get(format!("http://{http}/admin/plugins"))
+            .bearer_auth(admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["generation"].as_u64().unwrap()
+    };
+    assert_eq!(generation().await, 1);
+
+    write_cfg("ham");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let logged = rx.recv_timeout(WAIT).expect("the reload is logged");
+    assert!(logged.contains("plugins reloaded"), "{logged}");
+    assert_eq!(generation().await, 2);
+
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(exit.success());
+}
