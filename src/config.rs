@@ -325,6 +325,15 @@ impl World {
         }
     }
 
+    /// The longest deadline allowed: a call runs on the thread that needs its answer, so a
+    /// filter (run for every message) must stay short.
+    pub const fn max_deadline(self) -> Duration {
+        match self {
+            World::Authenticator | World::Router => Duration::from_secs(1),
+            World::MessageFilter => Duration::from_millis(100),
+        }
+    }
+
     fn default_deadline(self) -> Duration {
         match self {
             World::Authenticator => Duration::from_millis(50),
@@ -750,9 +759,13 @@ impl Config {
                 _ => {}
             }
             if let Some(d) = p.deadline
-                && (d < Duration::from_millis(1) || d > Duration::from_secs(10))
+                && (d < Duration::from_millis(1) || d > p.world.max_deadline())
             {
-                problem(&format!("{key}.deadline"), "must be between 1ms and 10s".into());
+                let max = humantime::format_duration(p.world.max_deadline());
+                problem(
+                    &format!("{key}.deadline"),
+                    format!("must be between 1ms and {max} for a {}", p.world.as_str()),
+                );
             }
             if !(1..=4096).contains(&p.memory_limit_mb) {
                 problem(&format!("{key}.memory_limit_mb"), "must be between 1 and 4096".into());

@@ -193,10 +193,11 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let server = switchboard::Server::bind(config).await.context("cannot start")?;
-    // SIGHUP reloads the plugins, as POST /admin/plugins/reload does.
-    let hub = server.hub().clone();
+    // SIGHUP reloads the plugins, as POST /admin/plugins/reload does. The handler is
+    // installed first, so a SIGHUP during start-up does not end the process.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let server = switchboard::Server::bind(config).await.context("cannot start")?;
+    let hub = server.hub().clone();
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
             match hub.reload_plugins().await {

@@ -238,7 +238,7 @@ async fn hostile_filter_server(mode: &str, failure: FailurePolicy) -> TestServer
         let mut p = hostile("hostile", World::MessageFilter, &mode);
         p.failure = Some(failure);
         // Long enough for the memory hog to reach its limit first; the loop still ends on the deadline.
-        p.deadline = Some(Duration::from_millis(if mode == "hog" { 1000 } else { 5 }));
+        p.deadline = Some(Duration::from_millis(if mode == "hog" { 100 } else { 5 }));
         c.plugins.push(p);
         app(c, "demo").filters = vec!["hostile".into()];
         c.admin.token = Some(ADMIN.into());
@@ -289,12 +289,12 @@ async fn hostile_filters_cost_only_their_own_messages() {
         assert_eq!(hm["errors"][kind], 4, "mode {mode}: {hm}");
         assert_eq!(hm["calls"], 4);
         let instantiations = hm["instantiations"].as_u64().unwrap();
-        if kind == "invalid_output" {
-            // Returning garbage is not a trap: the instance is still sound and is reused.
+        if mode == "garbage" {
+            // A well-formed answer that fails validation: the instance is sound and reused.
             assert_eq!(instantiations, 1, "mode {mode}: {hm}");
         } else {
-            // A trap poisons the instance: each failed call cost its instance and a fresh
-            // one was made for the next call.
+            // A trap, or an answer the host refused to read (over the call's data budget),
+            // costs the instance: each failed call got a fresh one for the next.
             assert!(instantiations >= 4, "mode {mode}: {hm}");
         }
         s.assert_healthy_in("other").await;
@@ -338,14 +338,23 @@ async fn hostile_authenticators_fail_closed() {
     for mode in ["loop", "hog", "trap", "garbage", "huge"] {
         let s = TestServer::with(|c| {
             let mut p = hostile("gate", World::Authenticator, mode);
-            p.deadline = Some(Duration::from_millis(20));
+            p.deadline = Some(Duration::from_millis(if mode == "hog" { 1000 } else { 20 }));
             c.plugins.push(p);
             app(c, "demo").auth = Some(AppAuth { plugin: "gate".into(), mode: AuthMode::Replace });
+            c.admin.token = Some(ADMIN.into());
         })
         .await;
         let mut c = WsClient::connect(&s.ws_url("app_id=demo&token=anything")).await;
         let (frames, code, reason) = c.expect_close().await;
         assert_eq!((code, reason.as_str()), (1013, "auth_unavailable"), "mode {mode}: {frames:?}");
+        let m = admin_plugins(&s).await;
+        let expected = match mode {
+            "loop" => "deadline",
+            "hog" => "memory",
+            "trap" => "trap",
+            _ => "invalid_output",
+        };
+        assert_eq!(metrics_of(&m, "gate", "demo")["errors"][expected], 1, "mode {mode}: {m}");
         s.assert_healthy_in("other").await;
     }
 }
@@ -651,4 +660,84 @@ fn plugin_check_reports_worlds_and_loadability() {
     let out = run(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml").as_path());
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a WebAssembly file"));
+}
+
+// === containment under concurrency, metadata, breaker ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_filter_does_not_stall_other_apps() {
+    let s = hostile_filter_server("loop", FailurePolicy::FailClosed).await;
+    let flood = {
+        let mut alice = s.ws("demo", "alice").await;
+        tokio::spawn(async move {
+            let mut codes = Vec::new();
+            for i in 0..40 {
+                alice.send_json(&json!({"to":"bob","data":i})).await;
+                codes.push(alice.recv().await["code"].as_str().unwrap().to_string());
+            }
+            codes
+        })
+    };
+    // Meanwhile, round trips in another app.
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let started = tokio::time::Instant::now();
+        other_app_works(&s).await;
+        slowest = slowest.max(started.elapsed());
+    }
+    let codes = flood.await.unwrap();
+    assert!(codes.iter().all(|c| c == "filter_failed"), "{codes:?}");
+    // Generous: a stall would take the whole flood (40 × the deadline and more) or hang.
+    assert!(slowest < Duration::from_secs(1), "slowest round trip in the other app: {slowest:?}");
+
+    let m = admin_plugins(&s).await;
+    let hm = metrics_of(&m, "hostile", "demo");
+    let deadline = hm["errors"]["deadline"].as_u64().unwrap();
+    let skipped = hm["errors"]["circuit_open"].as_u64().unwrap();
+    assert!(deadline >= 5, "{hm}");
+    assert!(skipped >= 1, "after 5 failures in a row the breaker stops calling the plugin: {hm}");
+    assert_eq!(deadline + skipped, 40, "{hm}");
+}
+
+#[tokio::test]
+async fn filters_see_the_authenticators_metadata() {
+    let s = TestServer::with(|c| {
+        c.plugins.push(plugin("hmac", "hmac-auth", World::Authenticator, json!({"key": HMAC_KEY})));
+        c.plugins.push(hostile("echo", World::MessageFilter, "show-metadata"));
+        app(c, "demo").auth = Some(AppAuth { plugin: "hmac".into(), mode: AuthMode::Replace });
+        app(c, "demo").filters = vec!["echo".into()];
+    })
+    .await;
+    let token = hmac_token("alice", in_an_hour(), "eu", HMAC_KEY);
+    let mut alice = WsClient::connect(&s.ws_url(&format!("app_id=demo&token={token}"))).await;
+    assert_eq!(alice.recv().await["type"], "connected");
+    alice.send_json(&json!({"to":"bob","data":1})).await;
+    let err = alice.recv().await;
+    assert_eq!(err["code"], "denied");
+    assert_eq!(err["message"], "metadata: auth=hmac-auth,region=eu");
+}
+
+#[tokio::test]
+async fn a_plugin_cannot_flood_the_host_through_its_imports() {
+    let s = hostile_filter_server("chatty", FailurePolicy::FailClosed).await;
+    let mut alice = s.ws("demo", "alice").await;
+    alice.send_json(&json!({"to":"bob","data":1})).await;
+    let err = alice.recv().await;
+    assert_eq!(err["code"], "filter_failed", "{err}");
+    let m = admin_plugins(&s).await;
+    assert_eq!(metrics_of(&m, "hostile", "demo")["errors"]["invalid_output"], 1);
+    s.assert_healthy_in("other").await;
+}
+
+#[test]
+fn a_looping_router_falls_back_to_rendezvous() {
+    let mut router = hostile("spin", World::Router, "loop");
+    router.deadline = Some(Duration::from_millis(5));
+    let set = load_set(vec![router], "spin");
+    let pool = set.app("demo").router.clone().unwrap();
+    let nodes = vec![node("a", "eu", 0.0, 0.0, 0, 10), node("b", "eu", 0.0, 0.0, 0, 10)];
+    let users: Vec<RouteUser> = (0..10).map(|i| user(&format!("u{i}"))).collect();
+    let expected: Vec<usize> = users.iter().map(|u| switchboard::routing::rendezvous(&u.uid, &nodes)).collect();
+    assert_eq!(switchboard::routing::assign(Some(&pool), "demo", &users, &nodes), expected);
+    assert_eq!(pool.snapshot().errors["deadline"], 1);
 }

@@ -17,6 +17,11 @@ const MAX_METADATA_VALUE: usize = 512;
 /// Longest rejection code / deny reason passed on to a client.
 const MAX_CODE: usize = 64;
 const MAX_REASON: usize = 256;
+/// Bytes an authenticator may hand back (identity, metadata, rejection) before its answer
+/// is refused unread: a little over what the limits above allow.
+const AUTH_FUEL: usize = 64 * 1024;
+/// Extra bytes a call may hand back beyond its payload (reasons, error messages).
+const FUEL_SLACK: usize = 16 * 1024;
 
 fn pairs(list: &[(String, String)]) -> Vec<types::PairParam<'_>> {
     list.iter().map(|(k, v)| types::PairParam { key: k, value: v }).collect()
@@ -123,7 +128,7 @@ impl Pool {
             params: &params,
             verified_uid: req.verified_uid,
         };
-        let answer = self.call(|guest, store| {
+        let answer = self.call(AUTH_FUEL, |guest, store| {
             let g = self.expect_world(guest, |g| if let Guest::Auth(a) = g { Some(a) } else { None })?;
             g.call_authenticate(store, request)
         })?;
@@ -173,7 +178,7 @@ impl Pool {
             send_at: m.send_at,
             sender_metadata: &metadata,
         };
-        let verdict = self.call(|guest, store| {
+        let verdict = self.call(max_bytes + FUEL_SLACK, |guest, store| {
             let g = self.expect_world(guest, |g| if let Guest::Filter(f) = g { Some(f) } else { None })?;
             g.call_filter(store, message)
         })?;
@@ -224,12 +229,13 @@ impl Pool {
                 draining: n.draining,
             })
             .collect();
-        let answer = self.call(|guest, store| {
+        let answer = self.call(users.len() * 4 + FUEL_SLACK, |guest, store| {
             let g = self.expect_world(guest, |g| if let Guest::Router(r) = g { Some(r) } else { None })?;
             g.call_route(store, app, &wit_users, &wit_nodes)
         })?;
         let indexes = answer.map_err(|message| {
             self.count_error(FailureKind::Declined);
+            self.failed();
             Failure::new(FailureKind::Declined, format!("the router declined: {}", truncate(message, MAX_REASON)))
         })?;
         if indexes.len() != users.len() {
@@ -242,7 +248,9 @@ impl Pool {
         if let Some(bad) = indexes.iter().find(|&&i| i as usize >= nodes.len()) {
             return Err(self.invalid_output(format!("returned node index {bad}, but there are {} nodes", nodes.len())));
         }
-        if let Some(&i) = indexes.iter().find(|&&i| nodes[i as usize].draining) {
+        // Draining nodes are off limits, unless every node is draining.
+        let any_live = nodes.iter().any(|n| !n.draining);
+        if let Some(&i) = indexes.iter().find(|&&i| any_live && nodes[i as usize].draining) {
             return Err(self.invalid_output(format!("placed a user on draining node {}", nodes[i as usize].id)));
         }
         Ok(indexes.into_iter().map(|i| i as usize).collect())
@@ -250,6 +258,7 @@ impl Pool {
 
     fn invalid_output(&self, what: impl std::fmt::Display) -> Failure {
         self.count_error(FailureKind::InvalidOutput);
+        self.failed();
         invalid(format!("plugin {} {what}", self.plugin.name))
     }
 }

@@ -59,15 +59,35 @@ fn cache_key(engine: &Engine, wasm: &[u8]) -> String {
     format!("{}-{:016x}.cwasm", hex::encode(Sha256::digest(wasm)), compat.finish())
 }
 
-/// Compiles `wasm`, or loads it from `cache_dir` when it was compiled before.
+/// Whether `dir` is a directory only this process's user can write: the precompiled code
+/// in it is loaded as machine code, so nobody else may be able to put files there.
+fn private_dir(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::symlink_metadata(dir)
+        .is_ok_and(|m| m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw() && m.mode() & 0o022 == 0)
+}
+
+fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Compiles `wasm`, or loads it from `cache_dir` when it was compiled before. The cache is
+/// used only when the directory is private to this user (mode 0700 when we create it).
 pub fn compile(engine: &Engine, wasm: &[u8], cache_dir: Option<&Path>) -> wasmtime::Result<Component> {
     let Some(dir) = cache_dir else { return Component::new(engine, wasm) };
+    if ensure_private_dir(dir).is_err() || !private_dir(dir) {
+        warn!(dir = %dir.display(), "plugin compile cache disabled: the directory must be owned by this user and not writable by others");
+        return Component::new(engine, wasm);
+    }
     let path = dir.join(cache_key(engine, wasm));
     if path.is_file() {
-        // SAFETY: the file was written by `Component::serialize` of this same engine
-        // configuration (its name carries the content and compatibility hashes), in a
-        // directory only this node writes; wasmtime additionally checks the artifact's
-        // header for version and configuration compatibility before using it.
+        // SAFETY: deserialising runs the file's machine code, so its integrity matters.
+        // The file was written (atomically, via a temp file and rename) by
+        // `Component::serialize` of this same engine configuration; its name carries the
+        // component's content hash and the engine's compatibility hash; the directory is
+        // private to this user (checked above), so nobody else can have replaced it; and
+        // wasmtime checks the artifact's header for version and configuration before use.
         #[allow(unsafe_code)]
         match unsafe { Component::deserialize_file(engine, &path) } {
             Ok(component) => {
@@ -85,10 +105,10 @@ pub fn compile(engine: &Engine, wasm: &[u8], cache_dir: Option<&Path>) -> wasmti
 }
 
 fn write_cache(dir: &Path, path: &Path, component: &Component) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    use std::io::Write as _;
     let bytes = component.serialize().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(&bytes)?;
+    tmp.persist(path)?;
     Ok(())
 }

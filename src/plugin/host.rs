@@ -24,7 +24,12 @@ pub struct HostState {
 
 impl HostState {
     pub fn new(plugin: Arc<str>, app: Arc<str>, memory_limit_bytes: usize) -> Self {
-        Self { plugin, app, limiter: MemoryLimiter { max_bytes: memory_limit_bytes, denied: false }, logs_this_call: 0 }
+        Self {
+            plugin,
+            app,
+            limiter: MemoryLimiter { max_bytes: memory_limit_bytes, total: 0, denied: false },
+            logs_this_call: 0,
+        }
     }
 
     /// Resets per-call state before a call.
@@ -34,26 +39,45 @@ impl HostState {
     }
 }
 
-/// Caps an instance's linear memory. Refusing growth makes the guest's allocator fail,
-/// which in a Rust guest aborts: a trap we then attribute to memory thanks to `denied`.
+/// Caps an instance's linear memory, summed over every memory its core instances have.
+/// Refusing growth makes the guest's allocator fail, which in a Rust guest aborts: a trap we
+/// then attribute to memory thanks to `denied`.
 #[derive(Debug)]
 pub struct MemoryLimiter {
     max_bytes: usize,
+    /// Bytes of linear memory the instance holds, over all its memories.
+    total: usize,
     /// Set when growth was refused; the failure that follows is a memory failure.
     pub denied: bool,
 }
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.total - current.min(self.total) + desired;
+        if total > self.max_bytes {
             self.denied = true;
             return Ok(false);
         }
+        self.total = total;
         Ok(true)
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
+    }
+
+    // A plugin is one component: a handful of core instances, tables and memories. The
+    // defaults (10,000 each) would let one instance multiply its memory cap.
+    fn instances(&self) -> usize {
+        32
+    }
+
+    fn tables(&self) -> usize {
+        32
+    }
+
+    fn memories(&self) -> usize {
+        8
     }
 }
 

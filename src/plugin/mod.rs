@@ -42,17 +42,20 @@ pub enum FailureKind {
     Init = 4,
     /// A router returned an error instead of an assignment.
     Declined = 5,
+    /// Not called: the plugin failed repeatedly and its breaker is open.
+    CircuitOpen = 6,
 }
 
 impl FailureKind {
-    const COUNT: usize = 6;
-    const ALL: [FailureKind; 6] = [
+    const COUNT: usize = 7;
+    const ALL: [FailureKind; 7] = [
         FailureKind::Trap,
         FailureKind::Deadline,
         FailureKind::Memory,
         FailureKind::InvalidOutput,
         FailureKind::Init,
         FailureKind::Declined,
+        FailureKind::CircuitOpen,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -63,6 +66,7 @@ impl FailureKind {
             FailureKind::InvalidOutput => "invalid_output",
             FailureKind::Init => "init",
             FailureKind::Declined => "declined",
+            FailureKind::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -94,6 +98,10 @@ pub enum PluginError {
     WrongWorld { name: String, path: PathBuf, world: &'static str, expected: &'static str, exports: String },
     #[error("plugin {name:?}: {path} needs imports this host does not provide: {message}")]
     Link { name: String, path: PathBuf, message: String },
+    #[error(
+        "plugin {name:?}: {path} exports {export} but not with the functions and types of switchboard:policy@0.1.0: {message}"
+    )]
+    Signature { name: String, path: PathBuf, export: &'static str, message: String },
     #[error("plugin {name:?} for app {app:?}: {failure}")]
     Instance { name: String, app: String, failure: Failure },
     #[error("cannot re-read the config: {0}")]
@@ -110,6 +118,8 @@ pub struct Plugin {
     deadline_ticks: u64,
     memory_limit_bytes: usize,
     pool_size: usize,
+    /// SHA-256 of the component file.
+    content_hash: [u8; 32],
     config_json: String,
     pre: InstancePre<HostState>,
     indices: Indices,
@@ -210,29 +220,51 @@ impl PluginSet {
                 None => None,
             };
             let filters = app.filters.iter().map(|name| pool_for(name, id)).collect::<Result<Vec<_>, _>>()?;
-            let router = match &app.router {
+            // The global router gets a pool per app too: instances and metrics stay per app.
+            let router = match app.router.as_deref().or(config.route.plugin.as_deref()) {
                 Some(name) => Some(pool_for(name, id)?),
-                None => global_router.clone(),
+                None => None,
             };
             apps.insert(id.clone(), AppPlugins { auth, filters, router });
         }
-        Ok(Self { generation, plugins, apps, global_router })
+        let set = Self { generation, plugins, apps, global_router };
+        let in_use: Vec<[u8; 32]> = set.plugins.values().map(|p| p.content_hash).collect();
+        forget_compiled_except(&in_use);
+        Ok(set)
     }
 }
 
 /// Components compiled in this process, by content hash: a reload, or another node in the
-/// same test process, reuses them.
+/// same test process, reuses them. Entries no loaded set uses are dropped after each load.
 static COMPILED: OnceLock<Mutex<HashMap<[u8; 32], Component>>> = OnceLock::new();
 
-fn compile_cached(engine: &wasmtime::Engine, wasm: &[u8], cache_dir: &std::path::Path) -> wasmtime::Result<Component> {
-    let key: [u8; 32] = Sha256::digest(wasm).into();
-    let memo = COMPILED.get_or_init(Default::default);
-    if let Some(c) = memo.lock().expect("compile memo lock").get(&key) {
+/// Compiles `wasm` once per process; the lock is held while compiling so that two loads of
+/// the same component (parallel tests, a reload) do not compile or write the cache twice.
+fn compile_cached(
+    engine: &wasmtime::Engine,
+    key: [u8; 32],
+    wasm: &[u8],
+    cache_dir: &std::path::Path,
+) -> wasmtime::Result<Component> {
+    let mut memo = COMPILED.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = memo.get(&key) {
         return Ok(c.clone());
     }
     let component = engine::compile(engine, wasm, Some(cache_dir))?;
-    memo.lock().expect("compile memo lock").insert(key, component.clone());
+    memo.insert(key, component.clone());
     Ok(component)
+}
+
+/// Drops compiled components whose content hash is not in `keep`. Several hubs in one
+/// process (tests) may each keep their own; what one forgets, the other recompiles or
+/// finds in the on-disk cache.
+fn forget_compiled_except(keep: &[[u8; 32]]) {
+    if let Some(memo) = COMPILED.get() {
+        let mut memo = memo.lock().unwrap_or_else(|e| e.into_inner());
+        if memo.len() > 64 {
+            memo.retain(|k, _| keep.contains(k));
+        }
+    }
 }
 
 /// A linker offering exactly the host interface (log, clocks) and nothing else.
@@ -254,7 +286,8 @@ fn load_plugin(
         path: path.clone(),
         source,
     })?;
-    let component = compile_cached(engine, &wasm, cache_dir).map_err(|e| PluginError::Compile {
+    let content_hash: [u8; 32] = Sha256::digest(&wasm).into();
+    let component = compile_cached(engine, content_hash, &wasm, cache_dir).map_err(|e| PluginError::Compile {
         name: p.name.clone(),
         path: path.clone(),
         message: format!("{e:#}"),
@@ -278,7 +311,12 @@ fn load_plugin(
         World::MessageFilter => filter::GuestIndices::new(&pre).map(Indices::Filter),
         World::Router => routing::GuestIndices::new(&pre).map(Indices::Router),
     }
-    .map_err(link_err)?;
+    .map_err(|e| PluginError::Signature {
+        name: p.name.clone(),
+        path: path.clone(),
+        export: p.world.export(),
+        message: format!("{e:#}"),
+    })?;
     let config_json = serde_json::to_string(&p.config).expect("a TOML table serialises to JSON");
     Ok(Plugin {
         name: p.name.as_str().into(),
@@ -289,6 +327,7 @@ fn load_plugin(
         deadline_ticks: engine::deadline_ticks(p.deadline()),
         memory_limit_bytes: p.memory_limit_mb as usize * 1024 * 1024,
         pool_size: p.pool_size(),
+        content_hash,
         config_json,
         pre,
         indices,

@@ -1,7 +1,7 @@
 //! Warm instances of one plugin for one app, and the rules every call follows: a deadline
 //! in epoch ticks, a memory cap, and an instance that failed is never used again.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -57,7 +57,15 @@ struct Warm {
     guest: Guest,
 }
 
-/// Per (plugin, app) counters, as the admin endpoint shows them.
+/// Consecutive failures after which a pool stops calling its plugin for a while.
+const BREAKER_THRESHOLD: u32 = 5;
+/// How long a tripped pool applies its failure policy without calling the plugin.
+const BREAKER_OPEN_MS: u64 = 1000;
+/// Time `init` gets when a pool is created (at start-up or reload, off the hot path).
+const LOAD_INIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Per (plugin, app) counters, as the admin endpoint shows them. They start at zero with
+/// each plugin set (a reload builds new pools).
 #[derive(Debug)]
 pub(super) struct PoolMetrics {
     calls: AtomicU64,
@@ -75,7 +83,8 @@ impl Default for PoolMetrics {
             denials: AtomicU64::new(0),
             instantiations: AtomicU64::new(0),
             errors: Default::default(),
-            latency: Mutex::new(Histogram::new(3).expect("3 significant figures is valid")),
+            // 1 ns to 1 hour, 2 significant figures: a few KiB.
+            latency: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000_000, 2).expect("valid bounds")),
         }
     }
 }
@@ -90,7 +99,9 @@ pub struct MetricsSnapshot {
     pub denials: u64,
     pub errors: std::collections::BTreeMap<&'static str, u64>,
     pub instantiations: u64,
+    /// Warm instances waiting now, and the most that are kept.
     pub pool_idle: usize,
+    pub pool_size: usize,
     pub latency_us: LatencySnapshot,
 }
 
@@ -111,12 +122,20 @@ pub struct Pool {
     pub(super) metrics: PoolMetrics,
     /// Unix second of the last failure warning, so a failing plugin logs once a second.
     last_warning: AtomicU64,
+    /// Failures in a row; at [`BREAKER_THRESHOLD`] the breaker opens.
+    consecutive_failures: AtomicU32,
+    /// Until this monotonic millisecond, calls fail at once without running the plugin.
+    open_until_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool").field("plugin", &self.plugin.name).field("app", &self.app).finish_non_exhaustive()
     }
+}
+
+fn monotonic_ms() -> u64 {
+    super::engine::monotonic_nanos() / 1_000_000
 }
 
 impl Pool {
@@ -129,8 +148,10 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             metrics: PoolMetrics::default(),
             last_warning: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            open_until_ms: AtomicU64::new(0),
         };
-        let warm = pool.instantiate()?;
+        let warm = pool.instantiate(LOAD_INIT_DEADLINE.max(pool.plugin.deadline))?;
         pool.idle.lock().expect("pool lock").push(warm);
         Ok(pool)
     }
@@ -139,14 +160,15 @@ impl Pool {
         &self.plugin.name
     }
 
-    fn instantiate(&self) -> Result<Warm, Failure> {
+    /// A new instance, instantiated and `init`ed within `deadline`.
+    fn instantiate(&self, deadline: std::time::Duration) -> Result<Warm, Failure> {
         self.metrics.instantiations.fetch_add(1, Ordering::Relaxed);
         let plugin = &self.plugin;
         let state = HostState::new(plugin.name.clone(), self.app.clone(), plugin.memory_limit_bytes);
         let mut store = Store::new(plugin.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
-        // `init` may parse a large config: give it the longer of its deadline and a second.
-        store.set_epoch_deadline(deadline_ticks(plugin.deadline.max(std::time::Duration::from_secs(1))));
+        store.set_epoch_deadline(deadline_ticks(deadline));
+        store.set_hostcall_fuel(INIT_FUEL);
         let result = (|| {
             let instance = plugin.pre.instantiate(&mut store)?;
             let guest = plugin.indices.load(&mut store, &instance)?;
@@ -160,41 +182,67 @@ impl Pool {
         }
     }
 
-    /// Runs `f` on an idle instance (or a new one) within the plugin's deadline. An instance
-    /// whose call failed is dropped: a trap leaves a wasmtime store unusable.
+    /// Runs `f` on an idle instance (or a new one) within the plugin's deadline, letting the
+    /// plugin hand at most `fuel` bytes back to the host. An instance whose call trapped is
+    /// dropped: a trap leaves a wasmtime store unusable. After repeated failures the pool
+    /// fails calls at once for a while (a breaker), so a broken plugin stops costing CPU.
     pub(super) fn call<R>(
         &self,
+        fuel: usize,
         f: impl FnOnce(&Guest, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, Failure> {
-        let started = Instant::now();
         self.metrics.calls.fetch_add(1, Ordering::Relaxed);
+        let open_until = self.open_until_ms.load(Ordering::Relaxed);
+        if open_until != 0 && monotonic_ms() < open_until {
+            self.count_error(FailureKind::CircuitOpen);
+            return Err(Failure::new(
+                FailureKind::CircuitOpen,
+                format!("not called: {BREAKER_THRESHOLD} failures in a row; retrying within {BREAKER_OPEN_MS} ms"),
+            ));
+        }
+        let started = Instant::now();
         let pooled = self.idle.lock().expect("pool lock").pop();
-        let mut warm = match pooled {
-            Some(w) => w,
-            None => self.instantiate().inspect_err(|e| self.count_error(e.kind))?,
+        let warm = match pooled {
+            Some(w) => Ok(w),
+            // On the hot path a replacement gets the call's own deadline, not the load-time one.
+            None => self.instantiate(self.plugin.deadline),
         };
-        warm.store.data_mut().begin_call();
-        warm.store.set_epoch_deadline(self.plugin.deadline_ticks);
-        let result = f(&warm.guest, &mut warm.store);
-        let result = match result {
-            Ok(value) => {
-                let mut idle = self.idle.lock().expect("pool lock");
-                if idle.len() < self.plugin.pool_size {
-                    idle.push(warm);
+        let result = warm.and_then(|mut warm| {
+            warm.store.data_mut().begin_call();
+            warm.store.set_epoch_deadline(self.plugin.deadline_ticks);
+            warm.store.set_hostcall_fuel(fuel);
+            match f(&warm.guest, &mut warm.store) {
+                Ok(value) => {
+                    let mut idle = self.idle.lock().expect("pool lock");
+                    if idle.len() < self.plugin.pool_size {
+                        idle.push(warm);
+                    }
+                    Ok(value)
                 }
-                Ok(value)
+                Err(e) => Err(classify(&e, warm.store.data())),
             }
-            Err(e) => {
-                let failure = classify(&e, warm.store.data());
-                self.count_error(failure.kind);
-                Err(failure)
-            }
-        };
+        });
         let nanos = started.elapsed().as_nanos() as u64;
         if let Ok(mut h) = self.metrics.latency.lock() {
             let _ = h.record(nanos.max(1));
         }
+        match &result {
+            Ok(_) => self.consecutive_failures.store(0, Ordering::Relaxed),
+            Err(failure) => {
+                self.count_error(failure.kind);
+                self.failed();
+            }
+        }
         result
+    }
+
+    /// Counts a failure towards the breaker (also for answers rejected after the call).
+    pub(super) fn failed(&self) {
+        if self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1 >= BREAKER_THRESHOLD {
+            // Open; after the pause one trial call decides (one more failure re-opens).
+            self.consecutive_failures.store(BREAKER_THRESHOLD - 1, Ordering::Relaxed);
+            self.open_until_ms.store(monotonic_ms() + BREAKER_OPEN_MS, Ordering::Relaxed);
+        }
     }
 
     /// Logs a failure at warn level at most once a second per pool (metrics count them all).
@@ -215,8 +263,11 @@ impl Pool {
 
     pub fn snapshot(&self) -> MetricsSnapshot {
         let m = &self.metrics;
-        let latency = m.latency.lock().map(|h| h.clone()).unwrap_or_else(|e| e.into_inner().clone());
-        let us = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
+        let latency = {
+            let h = m.latency.lock().unwrap_or_else(|e| e.into_inner());
+            let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+            LatencySnapshot { p50: us(0.5), p90: us(0.9), p99: us(0.99), max: h.max() as f64 / 1000.0 }
+        };
         MetricsSnapshot {
             plugin: self.plugin.name.to_string(),
             app: self.app.to_string(),
@@ -229,24 +280,26 @@ impl Pool {
                 .collect(),
             instantiations: m.instantiations.load(Ordering::Relaxed),
             pool_idle: self.idle.lock().map(|i| i.len()).unwrap_or(0),
-            latency_us: LatencySnapshot {
-                p50: us(0.5),
-                p90: us(0.9),
-                p99: us(0.99),
-                max: latency.max() as f64 / 1000.0,
-            },
+            pool_size: self.plugin.pool_size,
+            latency_us: latency,
         }
     }
 }
 
+/// Bytes a plugin's `init` (and the host calls it makes meanwhile) may hand to the host.
+const INIT_FUEL: usize = 64 * 1024;
+
 /// What kind of failure a wasmtime error was, given what the host saw during the call.
 fn classify(e: &wasmtime::Error, state: &HostState) -> Failure {
-    if state.limiter.denied {
-        return Failure::new(FailureKind::Memory, "the plugin ran out of its memory limit".into());
-    }
     match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => Failure::new(FailureKind::Deadline, "the plugin ran past its deadline".into()),
+        _ if state.limiter.denied => Failure::new(FailureKind::Memory, "the plugin ran out of its memory limit".into()),
         Some(trap) => Failure::new(FailureKind::Trap, format!("the plugin trapped: {trap}")),
-        None => Failure::new(FailureKind::Trap, format!("the plugin failed: {e}")),
+        // Not a trap: the host could not read what the plugin handed back (too much data,
+        // invalid UTF-8, out-of-bounds pointers).
+        None => Failure::new(
+            FailureKind::InvalidOutput,
+            format!("the plugin handed the host data it could not accept: {e}"),
+        ),
     }
 }

@@ -12,6 +12,8 @@
 //! | `huge` | rewrites with a 1 MiB string | returns a 1 MiB uid | returns 1M indexes |
 //! | `garbage` | rewrites with invalid JSON | returns an empty uid | returns index 99999 |
 //! | `fail-init` | `init` returns an error | same | same |
+//! | `show-metadata` | denies, with the sender's metadata as the reason | | |
+//! | `chatty` | logs 1000 lines of 100 KiB, then allows | | |
 
 use std::cell::RefCell;
 
@@ -30,6 +32,7 @@ wit_bindgen::generate!({
 });
 
 use exports::switchboard::policy::{auth, filter, routing};
+use switchboard::policy::host;
 
 thread_local! {
     static MODE: RefCell<String> = RefCell::new(String::from("allow"));
@@ -83,6 +86,17 @@ impl filter::Guest for Hostile {
             "trap-on-boom" if message.data.contains("boom") => panic!("boom"),
             "huge" => filter::Verdict::Rewrite(format!("\"{}\"", "x".repeat(1 << 20))),
             "garbage" => filter::Verdict::Rewrite("{not json".into()),
+            "show-metadata" => {
+                let pairs: Vec<String> = message.sender_metadata.iter().map(|p| format!("{}={}", p.key, p.value)).collect();
+                filter::Verdict::Deny(format!("metadata: {}", pairs.join(",")))
+            }
+            "chatty" => {
+                let line = "x".repeat(100 * 1024);
+                for _ in 0..1000 {
+                    host::log(host::Level::Info, &line);
+                }
+                filter::Verdict::Allow
+            }
             _ => filter::Verdict::Allow,
         }
     }
