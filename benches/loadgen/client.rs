@@ -1,0 +1,459 @@
+//! Clients for the three systems the load generator drives, all over WebSocket so that the
+//! transport costs the same: switchboard's JSON frames, NATS's text protocol, MQTT 3.1.1
+//! (QoS 0). Each is the smallest correct client for the operations a scenario needs:
+//! connect (authenticated where the system has auth), subscribe, publish, receive.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// Nanoseconds since the load generator started: the clock in every payload.
+pub fn now_ns() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// A payload of `size` bytes (at least the timestamp): `{"t":<ns>,"p":"xxx…"}`.
+pub fn payload(size: usize) -> Vec<u8> {
+    let head = format!("{{\"t\":{},\"p\":\"", now_ns());
+    let pad = size.saturating_sub(head.len() + 2);
+    let mut v = Vec::with_capacity(head.len() + pad + 2);
+    v.extend_from_slice(head.as_bytes());
+    v.resize(v.len() + pad, b'x');
+    v.extend_from_slice(b"\"}");
+    v
+}
+
+/// The send timestamp inside whatever frame carried a payload: found, not parsed, so that
+/// reading it costs the same for every system.
+pub fn sent_at(frame: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"{\"t\":";
+    let at = frame.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits = frame[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&frame[at..at + digits]).ok()?.parse().ok()
+}
+
+/// Which system a client talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum System {
+    Switchboard,
+    Nats,
+    Mosquitto,
+}
+
+impl System {
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Switchboard => "switchboard",
+            System::Nats => "nats-server",
+            System::Mosquitto => "mosquitto",
+        }
+    }
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub system: System,
+    pub ws: SocketAddr,
+    /// switchboard: the app and its secret (tokens are minted per user).
+    pub app: String,
+    pub secret: String,
+    /// switchboard: mint hmac-auth plugin tokens with this key instead of JWTs.
+    pub hmac_key: Option<String>,
+}
+
+/// A token for `uid`: a JWT signed with the app's secret, or an hmac-auth plugin token.
+fn token(endpoint: &Endpoint, uid: &str) -> String {
+    match &endpoint.hmac_key {
+        None => switchboard::auth::jwt::issue(endpoint.secret.as_bytes(), uid, Duration::from_secs(3600)),
+        Some(key) => {
+            use hmac::{Mac, SimpleHmac};
+            let expiry = switchboard::protocol::now_ms() / 1000 + 3600;
+            let mut mac = SimpleHmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).expect("any key length");
+            mac.update(format!("{uid}:{expiry}:").as_bytes());
+            format!("{uid}:{expiry}::{}", hex::encode(mac.finalize().into_bytes()))
+        }
+    }
+}
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0).max_message_size(Some(1 << 20))
+}
+
+/// Opens a TCP connection from `source` (an address in 127.0.0.0/8, so that many
+/// connections do not run out of one address's ephemeral ports) and upgrades it.
+async fn open(endpoint: &Endpoint, path: &str, source: Option<IpAddr>) -> anyhow::Result<Ws> {
+    let socket = if endpoint.ws.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = socket.connect(endpoint.ws).await.with_context(|| format!("connect {}", endpoint.ws))?;
+    stream.set_nodelay(true)?;
+    let mut request = format!("ws://{}{path}", endpoint.ws).into_client_request()?;
+    if endpoint.system == System::Mosquitto {
+        request.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+    }
+    let (ws, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config())).await?;
+    Ok(ws)
+}
+
+/// The sending half of a connection.
+pub struct Writer {
+    system: System,
+    sink: SplitSink<Ws, Message>,
+}
+
+/// The receiving half; yields the frames that carried payloads.
+pub struct Reader {
+    system: System,
+    stream: SplitStream<Ws>,
+    /// NATS and MQTT are byte streams inside WebSocket messages: what is not yet a whole
+    /// protocol message.
+    buf: BytesMut,
+}
+
+/// Connects as `id` and, when `subscribe` is true, subscribes to `id`'s own topic (for
+/// switchboard, being connected as a user is the subscription).
+pub async fn connect(
+    endpoint: &Endpoint,
+    id: &str,
+    subscribe: bool,
+    source: Option<IpAddr>,
+) -> anyhow::Result<(Writer, Reader)> {
+    match endpoint.system {
+        System::Switchboard => {
+            let token = token(endpoint, id);
+            let path = format!("/ws/connect?app_id={}&token={token}", endpoint.app);
+            let ws = open(endpoint, &path, source).await?;
+            let (sink, stream) = ws.split();
+            let mut reader = Reader { system: System::Switchboard, stream, buf: BytesMut::new() };
+            let hello = reader.next_raw().await?.ok_or_else(|| anyhow!("closed before connected"))?;
+            if !hello.starts_with(br#"{"type":"connected""#) {
+                bail!("switchboard refused {id}: {}", String::from_utf8_lossy(&hello));
+            }
+            Ok((Writer { system: System::Switchboard, sink }, reader))
+        }
+        System::Nats => {
+            let ws = open(endpoint, "/", source).await?;
+            let (mut sink, stream) = ws.split();
+            let mut reader = Reader { system: System::Nats, stream, buf: BytesMut::new() };
+            let mut hello = String::from("CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1}\r\n");
+            if subscribe {
+                hello += &format!("SUB u.{id} 1\r\n");
+            }
+            hello += "PING\r\n";
+            sink.send(Message::Binary(Bytes::from(hello))).await?;
+            // The PONG proves CONNECT and SUB were processed.
+            reader.nats_until_pong().await?;
+            Ok((Writer { system: System::Nats, sink }, reader))
+        }
+        System::Mosquitto => {
+            let ws = open(endpoint, "/", source).await?;
+            let (mut sink, stream) = ws.split();
+            let mut reader = Reader { system: System::Mosquitto, stream, buf: BytesMut::new() };
+            sink.send(Message::Binary(mqtt_connect(id))).await?;
+            reader.mqtt_expect(0x20).await.context("CONNACK")?;
+            if subscribe {
+                sink.send(Message::Binary(mqtt_subscribe(&format!("u/{id}")))).await?;
+                reader.mqtt_expect(0x90).await.context("SUBACK")?;
+            }
+            Ok((Writer { system: System::Mosquitto, sink }, reader))
+        }
+    }
+}
+
+impl Writer {
+    /// Sends `payload` to the user (switchboard) or topic (peers) `to`. `feed`s only:
+    /// call [`flush`](Self::flush) to put it on the wire, so bursts can be batched.
+    pub async fn feed(&mut self, to: &str, payload: &[u8]) -> anyhow::Result<()> {
+        let msg = match self.system {
+            System::Switchboard => {
+                let mut frame = String::with_capacity(payload.len() + 32);
+                frame.push_str("{\"to\":\"");
+                frame.push_str(to);
+                frame.push_str("\",\"data\":");
+                frame.push_str(std::str::from_utf8(payload)?);
+                frame.push('}');
+                Message::Text(Utf8Bytes::from(frame))
+            }
+            System::Nats => {
+                let mut frame = BytesMut::with_capacity(payload.len() + 32);
+                frame.put_slice(format!("PUB u.{to} {}\r\n", payload.len()).as_bytes());
+                frame.put_slice(payload);
+                frame.put_slice(b"\r\n");
+                Message::Binary(frame.freeze())
+            }
+            System::Mosquitto => Message::Binary(mqtt_publish(&format!("u/{to}"), payload)),
+        };
+        self.sink.feed(msg).await?;
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> anyhow::Result<()> {
+        self.sink.flush().await?;
+        Ok(())
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.sink.close().await;
+    }
+}
+
+impl Reader {
+    /// The next WebSocket message's bytes (switchboard: one frame per message).
+    async fn next_raw(&mut self) -> anyhow::Result<Option<Bytes>> {
+        loop {
+            match self.stream.next().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(Message::Text(t))) => return Ok(Some(Bytes::from(t))),
+                Some(Ok(Message::Binary(b))) => return Ok(Some(b)),
+                Some(Ok(Message::Close(_))) => return Ok(None),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Reads more bytes into the protocol buffer; false at end of stream.
+    async fn fill(&mut self) -> anyhow::Result<bool> {
+        match self.next_raw().await? {
+            Some(bytes) => {
+                self.buf.extend_from_slice(&bytes);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// The next frame that carries a payload (switchboard `message`, NATS `MSG`, MQTT
+    /// `PUBLISH`), or `None` when the connection closed. Other frames are skipped.
+    pub async fn next_payload(&mut self) -> anyhow::Result<Option<Bytes>> {
+        loop {
+            match self.system {
+                System::Switchboard => match self.next_raw().await? {
+                    None => return Ok(None),
+                    Some(frame) if frame.starts_with(br#"{"type":"message""#) => return Ok(Some(frame)),
+                    Some(_) => continue,
+                },
+                System::Nats => {
+                    if let Some(msg) = self.nats_take_msg()? {
+                        return Ok(Some(msg));
+                    }
+                    if !self.fill().await? {
+                        return Ok(None);
+                    }
+                }
+                System::Mosquitto => {
+                    if let Some((kind, body)) = self.mqtt_take()? {
+                        if kind & 0xF0 == 0x30 {
+                            return Ok(Some(body));
+                        }
+                        continue;
+                    }
+                    if !self.fill().await? {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads (and drops) frames until the connection closes.
+    pub async fn drain(mut self) {
+        while let Ok(Some(_)) = self.next_raw().await {}
+    }
+
+    fn nats_take_msg(&mut self) -> anyhow::Result<Option<Bytes>> {
+        nats_take_msg(&mut self.buf)
+    }
+
+    fn mqtt_take(&mut self) -> anyhow::Result<Option<(u8, Bytes)>> {
+        mqtt_take(&mut self.buf)
+    }
+
+    async fn nats_until_pong(&mut self) -> anyhow::Result<()> {
+        loop {
+            while let Some(eol) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = self.buf.split_to(eol + 2);
+                if line.starts_with(b"PONG") {
+                    return Ok(());
+                }
+                if line.starts_with(b"-ERR") {
+                    bail!("nats-server: {}", String::from_utf8_lossy(&line));
+                }
+            }
+            if !self.fill().await? {
+                bail!("nats-server closed the connection");
+            }
+        }
+    }
+
+    async fn mqtt_expect(&mut self, kind: u8) -> anyhow::Result<()> {
+        loop {
+            if let Some((k, body)) = self.mqtt_take()? {
+                if k & 0xF0 == kind {
+                    // CONNACK: return code in the second byte.
+                    if kind == 0x20 && body.get(1).copied().unwrap_or(1) != 0 {
+                        bail!("mosquitto refused the connection: {body:?}");
+                    }
+                    return Ok(());
+                }
+                continue;
+            }
+            if !self.fill().await? {
+                bail!("mosquitto closed the connection");
+            }
+        }
+    }
+}
+
+/// NATS: one complete `MSG` from `buf`; `INFO`, `+OK`, `PING`, `PONG` are skipped.
+fn nats_take_msg(buf: &mut BytesMut) -> anyhow::Result<Option<Bytes>> {
+    loop {
+        let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
+        if buf.starts_with(b"MSG ") {
+            let line = std::str::from_utf8(&buf[..eol])?;
+            let len: usize = line.rsplit(' ').next().unwrap_or("").parse().context("MSG length")?;
+            if buf.len() < eol + 2 + len + 2 {
+                return Ok(None);
+            }
+            buf.advance(eol + 2);
+            let body = buf.split_to(len).freeze();
+            buf.advance(2);
+            return Ok(Some(body));
+        }
+        if buf.starts_with(b"-ERR") {
+            bail!("nats-server: {}", String::from_utf8_lossy(&buf[..eol]));
+        }
+        buf.advance(eol + 2);
+    }
+}
+
+/// MQTT: one complete control packet from `buf` as (first byte, body).
+fn mqtt_take(buf: &mut BytesMut) -> anyhow::Result<Option<(u8, Bytes)>> {
+    let mut len = 0usize;
+    let mut shift = 0;
+    let mut i = 1;
+    loop {
+        let Some(&b) = buf.get(i) else { return Ok(None) };
+        len |= ((b & 0x7F) as usize) << shift;
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+        if shift > 21 {
+            bail!("bad MQTT remaining length");
+        }
+    }
+    if buf.len() < i + len {
+        return Ok(None);
+    }
+    let kind = buf[0];
+    buf.advance(i);
+    Ok(Some((kind, buf.split_to(len).freeze())))
+}
+
+fn mqtt_remaining(buf: &mut BytesMut, mut len: usize) {
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        buf.put_u8(b);
+        if len == 0 {
+            break;
+        }
+    }
+}
+
+fn mqtt_string(buf: &mut BytesMut, s: &str) {
+    buf.put_u16(s.len() as u16);
+    buf.put_slice(s.as_bytes());
+}
+
+fn mqtt_connect(client_id: &str) -> Bytes {
+    let mut body = BytesMut::new();
+    mqtt_string(&mut body, "MQTT");
+    body.put_u8(4); // protocol level 3.1.1
+    body.put_u8(0x02); // clean session
+    body.put_u16(0); // keep-alive off: runs are short, and nothing else should ping
+    mqtt_string(&mut body, client_id);
+    let mut packet = BytesMut::with_capacity(body.len() + 5);
+    packet.put_u8(0x10);
+    mqtt_remaining(&mut packet, body.len());
+    packet.put_slice(&body);
+    packet.freeze()
+}
+
+fn mqtt_subscribe(topic: &str) -> Bytes {
+    let mut body = BytesMut::new();
+    body.put_u16(1); // packet id
+    mqtt_string(&mut body, topic);
+    body.put_u8(0); // QoS 0
+    let mut packet = BytesMut::with_capacity(body.len() + 5);
+    packet.put_u8(0x82);
+    mqtt_remaining(&mut packet, body.len());
+    packet.put_slice(&body);
+    packet.freeze()
+}
+
+fn mqtt_publish(topic: &str, payload: &[u8]) -> Bytes {
+    let len = 2 + topic.len() + payload.len();
+    let mut packet = BytesMut::with_capacity(len + 5);
+    packet.put_u8(0x30); // PUBLISH, QoS 0
+    mqtt_remaining(&mut packet, len);
+    mqtt_string(&mut packet, topic);
+    packet.put_slice(payload);
+    packet.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamp_is_found_in_any_envelope() {
+        let p = payload(100);
+        assert_eq!(p.len(), 100);
+        let t = sent_at(&p).unwrap();
+        let framed = [br#"{"type":"message","from":"a","data":"#.as_slice(), &p, b"}"].concat();
+        assert_eq!(sent_at(&framed), Some(t));
+        assert_eq!(sent_at(br#"{"type":"ack"}"#), None);
+    }
+
+    #[test]
+    fn mqtt_lengths_round_trip() {
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&mqtt_publish("u/x", &vec![b'a'; 300]));
+        let (kind, body) = mqtt_take(&mut buf).unwrap().unwrap();
+        assert_eq!(kind, 0x30);
+        assert_eq!(body.len(), 2 + 3 + 300);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn nats_messages_split_across_frames() {
+        let mut buf = BytesMut::from(&b"INFO {}\r\nMSG u.a 1 5\r\nhel"[..]);
+        assert_eq!(nats_take_msg(&mut buf).unwrap(), None);
+        buf.extend_from_slice(b"lo\r\nPING\r\n");
+        assert_eq!(nats_take_msg(&mut buf).unwrap().as_deref(), Some(&b"hello"[..]));
+        assert_eq!(nats_take_msg(&mut buf).unwrap(), None);
+    }
+}

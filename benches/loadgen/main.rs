@@ -1,0 +1,350 @@
+//! switchboard's load generator: drives switchboard, and its peers nats-server and
+//! mosquitto over WebSocket, with the same client code and payloads in the same run, and
+//! prints a table (and JSON for scripts).
+//!
+//! ```text
+//! loadgen [--smoke] [--json FILE] [--peers nats,mosquitto] <scenario>...
+//! scenarios: connections direct push plugins all
+//! ```
+//! `benches/run.sh` builds release binaries, installs the peers and runs everything;
+//! `--smoke` runs every scenario at tiny sizes in seconds (the test command does).
+
+// A binary: `pub` marks what the modules share with each other.
+#![allow(unreachable_pub)]
+
+mod client;
+mod scenarios;
+mod target;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+use client::{Endpoint, System};
+use scenarios::{ConnectionsResult, DirectOpts, DirectResult, PushResult};
+use target::SwitchboardSetup;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum Scenario {
+    Connections,
+    Direct,
+    Push,
+    Plugins,
+    All,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum Peer {
+    Nats,
+    Mosquitto,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "switchboard load generator")]
+struct Args {
+    /// Scenarios to run.
+    #[arg(value_enum, required = true)]
+    scenarios: Vec<Scenario>,
+    /// Tiny sizes and short runs: proves every scenario still works.
+    #[arg(long)]
+    smoke: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Peers to run side by side (default: every one that is installed).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    peers: Option<Vec<Peer>>,
+    /// Connections to hold in `connections` (default: as many as the open-file limit allows, up to 100000).
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Sender/receiver pairs in `direct`.
+    #[arg(long, default_value_t = 64)]
+    pairs: usize,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 128)]
+    payload: usize,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    connections: Vec<ConnectionsResult>,
+    direct: Vec<DirectResult>,
+    push: Vec<PushResult>,
+    plugins_direct: Vec<DirectResult>,
+    plugins_connect: Vec<ConnectionsResult>,
+    /// switchboard / peer, per scenario and figure.
+    ratios: Vec<Ratio>,
+}
+
+#[derive(Debug, Serialize)]
+struct Ratio {
+    what: String,
+    ratio: f64,
+}
+
+/// Raises the open-file limit to its hard limit; returns how many files we may open.
+fn raise_nofile() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((_, hard)) => {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+            hard
+        }
+        Err(_) => 1024,
+    }
+}
+
+fn progress(msg: &str) {
+    eprintln!("[loadgen {:>7.1}s] {msg}", client::now_ns() as f64 / 1e9);
+}
+
+fn systems(args: &Args) -> Vec<System> {
+    let wanted = |p: Peer| args.peers.as_ref().is_none_or(|list| list.contains(&p));
+    let mut out = vec![System::Switchboard];
+    if wanted(Peer::Nats) && target::nats_bin().is_some() {
+        out.push(System::Nats);
+    } else if args.peers.as_ref().is_some_and(|l| l.contains(&Peer::Nats)) {
+        eprintln!("loadgen: nats-server not found (benches/run.sh installs it); skipping");
+    }
+    if wanted(Peer::Mosquitto) && target::mosquitto_bin().is_some() {
+        out.push(System::Mosquitto);
+    } else if args.peers.as_ref().is_some_and(|l| l.contains(&Peer::Mosquitto)) {
+        eprintln!("loadgen: mosquitto not found; skipping");
+    }
+    out
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    switchboard::transport::tls::install_crypto_provider();
+    let nofile = raise_nofile();
+    let all = args.scenarios.contains(&Scenario::All);
+    let run = |s: Scenario| all || args.scenarios.contains(&s);
+    let (warmup, duration) = if args.smoke {
+        (Duration::from_millis(200), Duration::from_millis(500))
+    } else {
+        (Duration::from_secs(2), Duration::from_secs_f64(args.duration))
+    };
+    let systems = systems(&args);
+    let mut report = Report::default();
+
+    if run(Scenario::Connections) {
+        // Server and load generator each need one descriptor per connection.
+        let n = args.connections.unwrap_or(if args.smoke {
+            50
+        } else {
+            (nofile.saturating_sub(1000) as usize).min(100_000)
+        });
+        for &system in &systems {
+            let server = target::start(system)?;
+            progress(&format!("connections: {n} to {}", system.name()));
+            let r = scenarios::connections(&server, &server.endpoint, "idle", n, 256).await?;
+            report.connections.push(r);
+        }
+    }
+
+    if run(Scenario::Direct) {
+        let pairs = if args.smoke { 4 } else { args.pairs };
+        let opts = DirectOpts { pairs, warmup, duration, payload: args.payload, window: 64, rate: None };
+        for &system in &systems {
+            let server = target::start(system)?;
+            progress(&format!("direct: {pairs} pairs, max rate, {}", system.name()));
+            let r = scenarios::direct(&server, &server.endpoint, "max", &opts).await?;
+            if system == System::Switchboard {
+                // Latency at half the peak rate, on a fresh server.
+                drop(server);
+                let server = target::start(system)?;
+                let half = (r.msgs_per_sec / 2.0).max(100.0);
+                progress(&format!("direct: {pairs} pairs at {half:.0} msg/s (half of peak), {}", system.name()));
+                let paced = DirectOpts { rate: Some(half), window: 10_000, ..opts.clone() };
+                let h = scenarios::direct(&server, &server.endpoint, "half-peak", &paced).await?;
+                report.direct.push(r);
+                report.direct.push(h);
+            } else {
+                report.direct.push(r);
+            }
+        }
+    }
+
+    if run(Scenario::Push) {
+        let server = target::start(System::Switchboard)?;
+        let (receivers, concurrency) = if args.smoke { (4, 2) } else { (64, 32) };
+        progress(&format!("push: {concurrency} HTTP clients to {receivers} receivers"));
+        report.push.push(scenarios::push(&server, receivers, concurrency, warmup, duration, args.payload).await?);
+    }
+
+    if run(Scenario::Plugins) {
+        plugins(&args, warmup, duration, &mut report).await?;
+    }
+
+    ratios(&mut report);
+    print_tables(&report);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `direct` with 0, 1 and 3 filter plugins, and connecting with the built-in JWT check vs
+/// the hmac-auth plugin, against one switchboard.
+async fn plugins(args: &Args, warmup: Duration, duration: Duration, report: &mut Report) -> anyhow::Result<()> {
+    let dist = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins/dist");
+    let words = dist.join("word-filter.wasm");
+    let hmac = dist.join("hmac-auth.wasm");
+    anyhow::ensure!(words.is_file() && hmac.is_file(), "plugins missing in {}: run plugins/build.sh", dist.display());
+    let hmac_key = "bench-hmac-key-0123456789";
+    let mut extra = String::new();
+    for name in ["w1", "w2", "w3"] {
+        extra += &format!(
+            "[[plugins]]\nname = \"{name}\"\npath = \"{}\"\nworld = \"message-filter\"\n[plugins.config]\ndeny = [\"spam\"]\nmask = [\"darn\"]\n",
+            words.display()
+        );
+    }
+    extra += &format!(
+        "[[plugins]]\nname = \"hmac\"\npath = \"{}\"\nworld = \"authenticator\"\n[plugins.config]\nkey = \"{hmac_key}\"\n",
+        hmac.display()
+    );
+    let apps = [
+        ("f1", "filters = [\"w1\"]"),
+        ("f3", "filters = [\"w1\", \"w2\", \"w3\"]"),
+        ("authp", "auth = { plugin = \"hmac\", mode = \"replace\" }"),
+    ];
+    for (id, keys) in apps {
+        extra += &format!("[apps.{id}]\nsecret = \"bench-secret-{id}-0123456789\"\n{keys}\n");
+    }
+    let setup = SwitchboardSetup { extra_toml: extra, app_keys: String::new() };
+    let endpoint_for = |server: &target::Server, app: &str| -> Endpoint {
+        let mut e = server.endpoint.clone();
+        if app != target::APP {
+            e.app = app.into();
+            e.secret = format!("bench-secret-{app}-0123456789");
+        }
+        e
+    };
+    let pairs = if args.smoke { 4 } else { args.pairs };
+    let opts = DirectOpts { pairs, warmup, duration, payload: args.payload, window: 64, rate: None };
+    for (filters, app) in [(0, target::APP), (1, "f1"), (3, "f3")] {
+        // A fresh server per run, so one run's leftovers never weigh on the next.
+        let server = target::start_switchboard(&setup)?;
+        progress(&format!("plugins: direct with {filters} filter(s)"));
+        let r = scenarios::direct(&server, &endpoint_for(&server, app), &format!("{filters} filters"), &opts).await?;
+        report.plugins_direct.push(r);
+    }
+    let n = if args.smoke { 20 } else { 2000 };
+    for (label, app, key) in [("jwt", target::APP, None), ("auth plugin", "authp", Some(hmac_key))] {
+        let server = target::start_switchboard(&setup)?;
+        let mut endpoint = endpoint_for(&server, app);
+        endpoint.hmac_key = key.map(str::to_string);
+        progress(&format!("plugins: {n} sequential connects with {label}"));
+        // One at a time: the connect latency itself, not queueing.
+        let r = scenarios::connections(&server, &endpoint, label, n, 1).await?;
+        report.plugins_connect.push(r);
+    }
+    Ok(())
+}
+
+fn ratios(report: &mut Report) {
+    let mut out = Vec::new();
+    let find_direct = |system: &str| report.direct.iter().find(|r| r.system == system && r.label == "max");
+    if let Some(sb) = find_direct("switchboard") {
+        for peer in ["nats-server", "mosquitto"] {
+            if let Some(p) = find_direct(peer) {
+                out.push(Ratio {
+                    what: format!("direct msg/s switchboard/{peer}"),
+                    ratio: sb.msgs_per_sec / p.msgs_per_sec,
+                });
+            }
+        }
+    }
+    let find_conn = |system: &str| report.connections.iter().find(|r| r.system == system);
+    if let Some(sb) = find_conn("switchboard") {
+        for peer in ["nats-server", "mosquitto"] {
+            if let Some(p) = find_conn(peer) {
+                out.push(Ratio {
+                    what: format!("connects/s switchboard/{peer}"),
+                    ratio: sb.connects_per_sec / p.connects_per_sec,
+                });
+                out.push(Ratio {
+                    what: format!("RSS per connection switchboard/{peer}"),
+                    ratio: sb.rss_per_connection_kib / p.rss_per_connection_kib.max(f64::MIN_POSITIVE),
+                });
+            }
+        }
+    }
+    if let Some(base) = report.plugins_direct.first() {
+        for r in &report.plugins_direct[1..] {
+            out.push(Ratio {
+                what: format!("direct msg/s with {} / without", r.label),
+                ratio: r.msgs_per_sec / base.msgs_per_sec,
+            });
+        }
+    }
+    report.ratios = out;
+}
+
+fn print_tables(r: &Report) {
+    if !r.connections.is_empty() || !r.plugins_connect.is_empty() {
+        println!("\nconnections (held idle; RSS of the server process)");
+        println!(
+            "{:<12} {:<12} {:>8} {:>6} {:>11} {:>10} {:>10} {:>10} {:>10}",
+            "system", "auth", "conns", "failed", "connects/s", "p50 µs", "p99 µs", "RSS MiB", "KiB/conn"
+        );
+        for c in r.connections.iter().chain(&r.plugins_connect) {
+            println!(
+                "{:<12} {:<12} {:>8} {:>6} {:>11.0} {:>10.0} {:>10.0} {:>10.1} {:>10.2}",
+                c.system,
+                c.label,
+                c.connections,
+                c.failed,
+                c.connects_per_sec,
+                c.connect_p50_us,
+                c.connect_p99_us,
+                c.rss_after_mib,
+                c.rss_per_connection_kib
+            );
+        }
+    }
+    if !r.direct.is_empty() || !r.plugins_direct.is_empty() {
+        println!("\ndirect (pairs of clients; latency from send to receive)");
+        println!(
+            "{:<12} {:<10} {:>6} {:>11} {:>10} {:>9} {:>9} {:>9} {:>12}",
+            "system", "run", "pairs", "target/s", "msg/s", "p50 µs", "p99 µs", "p999 µs", "cpu ms/1k"
+        );
+        for d in r.direct.iter().chain(&r.plugins_direct) {
+            let target = d.target_rate.map_or("max".to_string(), |t| format!("{t:.0}"));
+            println!(
+                "{:<12} {:<10} {:>6} {:>11} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>12.2}",
+                d.system,
+                d.label,
+                d.pairs,
+                target,
+                d.msgs_per_sec,
+                d.p50_us,
+                d.p99_us,
+                d.p999_us,
+                d.server_cpu_ms_per_1k
+            );
+        }
+    }
+    for p in &r.push {
+        println!("\npush (HTTP API)");
+        println!(
+            "{} HTTP clients -> {} receivers: {:.0} pushes/s ({} failed); push-to-receive p50 {:.0} µs, p99 {:.0} µs",
+            p.concurrency, p.receivers, p.pushes_per_sec, p.failed, p.push_to_receive_p50_us, p.push_to_receive_p99_us
+        );
+    }
+    if !r.ratios.is_empty() {
+        println!("\nratios");
+        for x in &r.ratios {
+            println!("  {:<48} {:>6.2}", x.what, x.ratio);
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! The benchmarks never rot: every load generator scenario runs at tiny sizes, against the
+//! real servers, and produces sane figures.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn every_scenario_runs_in_smoke_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("results.json");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_loadgen")).args(["--smoke", "all", "--json"]).arg(&json).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+
+    let systems = |section: &str| -> Vec<String> {
+        r[section].as_array().unwrap().iter().map(|x| x["system"].as_str().unwrap().to_string()).collect()
+    };
+    // Peers run whenever they are installed (the test command installs both).
+    let mut expected = vec!["switchboard".to_string()];
+    if Command::new("sh").args(["-c", "test -x .venv/bin/nats-server"]).status().unwrap().success() {
+        expected.push("nats-server".into());
+    }
+    if std::path::Path::new("/usr/sbin/mosquitto").exists() {
+        expected.push("mosquitto".into());
+    }
+    assert_eq!(systems("connections"), expected);
+
+    for c in r["connections"].as_array().unwrap() {
+        assert_eq!((c["connections"].as_u64(), c["failed"].as_u64()), (Some(50), Some(0)), "{c}");
+        assert!(c["connects_per_sec"].as_f64().unwrap() > 0.0);
+    }
+    for d in r["direct"].as_array().unwrap().iter().chain(r["plugins_direct"].as_array().unwrap()) {
+        assert!(d["delivered"].as_u64().unwrap() > 0, "{d}");
+        assert!(
+            d["p50_us"].as_f64().unwrap() > 0.0 && d["p99_us"].as_f64().unwrap() >= d["p50_us"].as_f64().unwrap(),
+            "{d}"
+        );
+    }
+    let labels: Vec<&str> = r["direct"].as_array().unwrap().iter().map(|d| d["label"].as_str().unwrap()).collect();
+    assert!(labels.contains(&"half-peak"), "{labels:?}");
+    assert_eq!(r["plugins_direct"].as_array().unwrap().len(), 3);
+    for c in r["plugins_connect"].as_array().unwrap() {
+        assert_eq!((c["connections"].as_u64(), c["failed"].as_u64()), (Some(20), Some(0)), "{c}");
+    }
+    let push = &r["push"][0];
+    assert!(push["pushes"].as_u64().unwrap() > 0 && push["failed"].as_u64() == Some(0), "{push}");
+    assert!(push["push_to_receive_p50_us"].as_f64().unwrap() > 0.0, "{push}");
+    assert!(stdout.contains("ratios"), "{stdout}");
+}
