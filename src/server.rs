@@ -62,11 +62,20 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// Listen backlog: room for a burst of connects (the kernel caps it at somaxconn).
+const BACKLOG: u32 = 4096;
+
 async fn bind(key: &'static str, enabled: bool, addr: SocketAddr) -> Result<Option<TcpListener>, StartError> {
     if !enabled {
         return Ok(None);
     }
-    TcpListener::bind(addr).await.map(Some).map_err(|source| StartError::Bind { key, addr, source })
+    let listen = || -> io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(BACKLOG)
+    };
+    listen().map(Some).map_err(|source| StartError::Bind { key, addr, source })
 }
 
 fn local(l: &Option<TcpListener>) -> Option<SocketAddr> {

@@ -273,9 +273,14 @@ impl Reader {
         }
     }
 
-    /// Reads (and drops) frames until the connection closes.
-    pub async fn drain(mut self) {
-        while let Ok(Some(_)) = self.next_raw().await {}
+    /// Reads frames until the connection closes, counting switchboard `error` frames (a
+    /// message that was refused, e.g. by a filter, and will never arrive).
+    pub async fn drain_counting_errors(mut self, errors: impl Fn()) {
+        while let Ok(Some(frame)) = self.next_raw().await {
+            if self.system == System::Switchboard && frame.starts_with(br#"{"type":"error""#) {
+                errors();
+            }
+        }
     }
 
     fn nats_take_msg(&mut self) -> anyhow::Result<Option<Bytes>> {

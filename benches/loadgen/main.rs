@@ -40,6 +40,8 @@ enum Scenario {
 enum Peer {
     Nats,
     Mosquitto,
+    /// switchboard alone.
+    None,
 }
 
 #[derive(Parser, Debug)]
@@ -54,7 +56,7 @@ struct Args {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Peers to run side by side (default: every one that is installed).
+    /// Peers to run side by side (default: every one that is installed; `none` for switchboard alone).
     #[arg(long, value_enum, value_delimiter = ',')]
     peers: Option<Vec<Peer>>,
     /// Connections to hold in `connections` (default: as many as the open-file limit allows, up to 100000).
@@ -69,6 +71,9 @@ struct Args {
     /// Payload bytes per message.
     #[arg(long, default_value_t = 128)]
     payload: usize,
+    /// Rounds of the `plugins` comparison (the median round is reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -231,12 +236,26 @@ async fn plugins(args: &Args, warmup: Duration, duration: Duration, report: &mut
     };
     let pairs = if args.smoke { 4 } else { args.pairs };
     let opts = DirectOpts { pairs, warmup, duration, payload: args.payload, window: 64, rate: None };
-    for (filters, app) in [(0, target::APP), (1, "f1"), (3, "f3")] {
-        // A fresh server per run, so one run's leftovers never weigh on the next.
-        let server = target::start_switchboard(&setup)?;
-        progress(&format!("plugins: direct with {filters} filter(s)"));
-        let r = scenarios::direct(&server, &endpoint_for(&server, app), &format!("{filters} filters"), &opts).await?;
-        report.plugins_direct.push(r);
+    // The variants take turns, `repeat` rounds, and each reports its median round: the
+    // machine's load drifts, and interleaving spreads the drift over all of them.
+    let variants = [(0, target::APP), (1, "f1"), (3, "f3")];
+    let mut rounds: Vec<Vec<DirectResult>> = vec![Vec::new(); variants.len()];
+    let repeat = if args.smoke { 1 } else { args.repeat.max(1) };
+    for round in 0..repeat {
+        for (v, (filters, app)) in variants.iter().enumerate() {
+            // A fresh server per run, so one run's leftovers never weigh on the next.
+            let server = target::start_switchboard(&setup)?;
+            progress(&format!("plugins: direct with {filters} filter(s), round {}/{repeat}", round + 1));
+            let r =
+                scenarios::direct(&server, &endpoint_for(&server, app), &format!("{filters} filters"), &opts).await?;
+            rounds[v].push(r);
+        }
+    }
+    for mut runs in rounds {
+        runs.sort_by(|a, b| a.msgs_per_sec.total_cmp(&b.msgs_per_sec));
+        let mut median = runs[runs.len() / 2].clone();
+        median.label = format!("{} (median of {})", median.label, runs.len());
+        report.plugins_direct.push(median);
     }
     let n = if args.smoke { 20 } else { 2000 };
     for (label, app, key) in [("jwt", target::APP, None), ("auth plugin", "authp", Some(hmac_key))] {
@@ -315,13 +334,13 @@ fn print_tables(r: &Report) {
     if !r.direct.is_empty() || !r.plugins_direct.is_empty() {
         println!("\ndirect (pairs of clients; latency from send to receive)");
         println!(
-            "{:<12} {:<10} {:>6} {:>11} {:>10} {:>9} {:>9} {:>9} {:>12}",
-            "system", "run", "pairs", "target/s", "msg/s", "p50 µs", "p99 µs", "p999 µs", "cpu ms/1k"
+            "{:<12} {:<24} {:>6} {:>11} {:>10} {:>9} {:>9} {:>9} {:>12} {:>8}",
+            "system", "run", "pairs", "target/s", "msg/s", "p50 µs", "p99 µs", "p999 µs", "cpu ms/1k", "refused"
         );
         for d in r.direct.iter().chain(&r.plugins_direct) {
             let target = d.target_rate.map_or("max".to_string(), |t| format!("{t:.0}"));
             println!(
-                "{:<12} {:<10} {:>6} {:>11} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>12.2}",
+                "{:<12} {:<24} {:>6} {:>11} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>12.2} {:>8}",
                 d.system,
                 d.label,
                 d.pairs,
@@ -330,7 +349,8 @@ fn print_tables(r: &Report) {
                 d.p50_us,
                 d.p99_us,
                 d.p999_us,
-                d.server_cpu_ms_per_1k
+                d.server_cpu_ms_per_1k,
+                d.refused
             );
         }
     }

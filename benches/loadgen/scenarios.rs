@@ -133,6 +133,8 @@ pub struct DirectResult {
     pub payload_bytes: usize,
     pub target_rate: Option<f64>,
     pub delivered: u64,
+    /// Sends the server refused during the whole run (switchboard error frames).
+    pub refused: u64,
     pub seconds: f64,
     pub msgs_per_sec: f64,
     pub p50_us: f64,
@@ -144,7 +146,15 @@ pub struct DirectResult {
 
 struct PairState {
     received: AtomicU64,
+    /// Sends the server refused (error frames): they free the window like a receipt.
+    refused: AtomicU64,
     notify: Notify,
+}
+
+impl PairState {
+    fn settled(&self) -> u64 {
+        self.received.load(Ordering::Relaxed) + self.refused.load(Ordering::Relaxed)
+    }
 }
 
 /// `pairs` senders each send to their own receiver for `duration` after `warmup`; reports
@@ -166,7 +176,8 @@ pub async fn direct(
         let (writer, mut reader) = client::connect(endpoint, &format!("r{i}"), true, source(i))
             .await
             .with_context(|| format!("receiver r{i}"))?;
-        let state = Arc::new(PairState { received: AtomicU64::new(0), notify: Notify::new() });
+        let state =
+            Arc::new(PairState { received: AtomicU64::new(0), refused: AtomicU64::new(0), notify: Notify::new() });
         states.push(state.clone());
         let (measuring, delivered, done) = (measuring.clone(), delivered.clone(), done.clone());
         receivers.spawn(async move {
@@ -190,8 +201,12 @@ pub async fn direct(
         let (mut writer, reader) = client::connect(endpoint, &format!("s{i}"), false, source(opts.pairs + i))
             .await
             .with_context(|| format!("sender s{i}"))?;
-        // Switchboard acknowledges every send: read those (and anything else) away.
-        tokio::spawn(reader.drain());
+        // Switchboard acknowledges every send: read those away, counting refusals.
+        let counted = state.clone();
+        tokio::spawn(reader.drain_counting_errors(move || {
+            counted.refused.fetch_add(1, Ordering::Relaxed);
+            counted.notify.notify_one();
+        }));
         let (state, stop, opts) = (state.clone(), stop.clone(), opts.clone());
         let to = format!("r{i}");
         senders.spawn(async move {
@@ -209,14 +224,13 @@ pub async fn direct(
                 // Window: wait while too many are in flight.
                 loop {
                     let notified = state.notify.notified();
-                    if sent - state.received.load(Ordering::Relaxed) < opts.window || stop.load(Ordering::Relaxed) {
+                    if sent - state.settled() < opts.window || stop.load(Ordering::Relaxed) {
                         break;
                     }
                     let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
                 }
                 // Fill the window (one message when paced), then flush once.
-                let room =
-                    if tick.is_some() { 1 } else { opts.window - (sent - state.received.load(Ordering::Relaxed)) };
+                let room = if tick.is_some() { 1 } else { opts.window.saturating_sub(sent - state.settled()) };
                 for _ in 0..room.max(1) {
                     writer.feed(&to, &payload(opts.payload)).await?;
                     sent += 1;
@@ -256,6 +270,7 @@ pub async fn direct(
         payload_bytes: opts.payload,
         target_rate: opts.rate,
         delivered: count,
+        refused: states.iter().map(|s| s.refused.load(Ordering::Relaxed)).sum(),
         seconds,
         msgs_per_sec: count as f64 / seconds,
         p50_us: us(&latency, 0.5),

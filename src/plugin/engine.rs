@@ -12,8 +12,8 @@ use tracing::{debug, warn};
 use wasmtime::component::Component;
 use wasmtime::{Config, Engine};
 
-/// One epoch tick. Deadlines are whole ticks, so a deadline of `d` fires between `d` and
-/// `d + TICK` after a call starts.
+/// One epoch tick: how often a running call's CPU time is checked against its deadline
+/// (see `host::CpuBudget`).
 pub const TICK: Duration = Duration::from_millis(1);
 
 static ENGINE: OnceLock<Engine> = OnceLock::new();
@@ -26,6 +26,11 @@ pub fn engine() -> &'static Engine {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
+        // For profiling plugins with `perf`: writes /tmp/perf-<pid>.map so samples in
+        // plugin code get function names.
+        if std::env::var_os("SWITCHBOARD_WASM_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).expect("the wasmtime configuration is valid on this host");
         let ticker = engine.clone();
         std::thread::Builder::new()
@@ -44,11 +49,6 @@ pub fn engine() -> &'static Engine {
 /// Nanoseconds since the first call; what plugins see as their monotonic clock.
 pub fn monotonic_nanos() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64
-}
-
-/// Ticks to give a call so that it runs for at least `deadline`.
-pub fn deadline_ticks(deadline: Duration) -> u64 {
-    (deadline.as_nanos().div_ceil(TICK.as_nanos()) as u64).max(1) + 1
 }
 
 /// The cache file name for `wasm`: its content hash and the engine's compatibility hash, so

@@ -20,6 +20,46 @@ pub struct HostState {
     pub app: Arc<str>,
     pub limiter: MemoryLimiter,
     logs_this_call: u32,
+    /// The running call's CPU budget; see [`CpuBudget`].
+    pub cpu: CpuBudget,
+}
+
+/// A call's deadline in CPU time, so that a call the OS preempts (a busy machine) does not
+/// lose its budget while it is not running.
+///
+/// The epoch ticks every millisecond. A call starts with a deadline one tick away, so short
+/// calls (almost all of them) never look at this. When a tick passes during a call, wasmtime
+/// runs [`on_epoch_tick`]: it charges the CPU time this thread used since the last tick (the
+/// first tick is charged in full, as it is not measured) and interrupts the call once the
+/// budget is spent.
+#[derive(Debug, Default)]
+pub struct CpuBudget {
+    pub budget_ns: u64,
+    consumed_ns: u64,
+    last_cpu_ns: Option<u64>,
+}
+
+fn thread_cpu_ns() -> u64 {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// The store's epoch callback: charge CPU time, interrupt when the budget is spent.
+pub fn on_epoch_tick(mut ctx: wasmtime::StoreContextMut<'_, HostState>) -> wasmtime::Result<wasmtime::UpdateDeadline> {
+    let cpu = &mut ctx.data_mut().cpu;
+    let now = thread_cpu_ns();
+    cpu.consumed_ns += match cpu.last_cpu_ns {
+        None => super::engine::TICK.as_nanos() as u64,
+        Some(last) => now.saturating_sub(last),
+    };
+    cpu.last_cpu_ns = Some(now);
+    Ok(if cpu.consumed_ns >= cpu.budget_ns {
+        wasmtime::UpdateDeadline::Interrupt
+    } else {
+        wasmtime::UpdateDeadline::Continue(1)
+    })
 }
 
 impl HostState {
@@ -29,13 +69,15 @@ impl HostState {
             app,
             limiter: MemoryLimiter { max_bytes: memory_limit_bytes, total: 0, denied: false },
             logs_this_call: 0,
+            cpu: CpuBudget::default(),
         }
     }
 
-    /// Resets per-call state before a call.
-    pub fn begin_call(&mut self) {
+    /// Resets per-call state before a call that may use `cpu` of CPU time.
+    pub fn begin_call(&mut self, cpu: std::time::Duration) {
         self.logs_this_call = 0;
         self.limiter.denied = false;
+        self.cpu = CpuBudget { budget_ns: cpu.as_nanos() as u64, consumed_ns: 0, last_cpu_ns: None };
     }
 }
 

@@ -115,7 +115,6 @@ pub struct Plugin {
     pub path: PathBuf,
     pub failure: FailurePolicy,
     pub deadline: Duration,
-    deadline_ticks: u64,
     memory_limit_bytes: usize,
     pool_size: usize,
     /// SHA-256 of the component file.
@@ -324,7 +323,6 @@ fn load_plugin(
         path,
         failure: p.failure_policy(),
         deadline: p.deadline(),
-        deadline_ticks: engine::deadline_ticks(p.deadline()),
         memory_limit_bytes: p.memory_limit_mb as usize * 1024 * 1024,
         pool_size: p.pool_size(),
         content_hash,

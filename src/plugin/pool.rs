@@ -1,7 +1,7 @@
 //! Warm instances of one plugin for one app, and the rules every call follows: a deadline
 //! in epoch ticks, a memory cap, and an instance that failed is never used again.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -11,7 +11,6 @@ use wasmtime::component::Instance;
 use wasmtime::{Store, Trap};
 
 use super::bindings::{auth, filter, routing};
-use super::engine::deadline_ticks;
 use super::host::HostState;
 use super::{Failure, FailureKind, Plugin};
 
@@ -61,6 +60,8 @@ struct Warm {
 const BREAKER_THRESHOLD: u32 = 5;
 /// How long a tripped pool applies its failure policy without calling the plugin.
 const BREAKER_OPEN_MS: u64 = 1000;
+/// One call in this many has its latency recorded.
+const LATENCY_SAMPLE: u64 = 8;
 /// Time `init` gets when a pool is created (at start-up or reload, off the hot path).
 const LOAD_INIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -68,7 +69,6 @@ const LOAD_INIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1
 /// each plugin set (a reload builds new pools).
 #[derive(Debug)]
 pub(super) struct PoolMetrics {
-    calls: AtomicU64,
     denials: AtomicU64,
     instantiations: AtomicU64,
     errors: [AtomicU64; FailureKind::COUNT],
@@ -79,7 +79,6 @@ pub(super) struct PoolMetrics {
 impl Default for PoolMetrics {
     fn default() -> Self {
         Self {
-            calls: AtomicU64::new(0),
             denials: AtomicU64::new(0),
             instantiations: AtomicU64::new(0),
             errors: Default::default(),
@@ -113,12 +112,33 @@ pub struct LatencySnapshot {
     pub max: f64,
 }
 
+/// Shards per pool: each thread works on its own shard (its own lock, counter and idle
+/// instances, on its own cache lines), so calls from different cores do not contend.
+const SHARDS: usize = 8;
+
+/// This thread's shard index.
+fn shard_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    INDEX.with(|i| *i)
+}
+
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard {
+    idle: Mutex<Vec<Warm>>,
+    calls: AtomicU64,
+}
+
 /// Warm instances of one plugin for one app. Calls take an idle instance (or make one),
-/// so concurrent calls never wait on each other; at most `pool_size` stay warm.
+/// so concurrent calls never wait on each other. Idle instances are kept per thread:
+/// `pool_size` spread over the threads that call, at least one per thread.
 pub struct Pool {
     pub plugin: Arc<Plugin>,
     pub(super) app: Arc<str>,
-    idle: Mutex<Vec<Warm>>,
+    shards: Box<[Shard]>,
     pub(super) metrics: PoolMetrics,
     /// Unix second of the last failure warning, so a failing plugin logs once a second.
     last_warning: AtomicU64,
@@ -145,14 +165,14 @@ impl Pool {
         let pool = Self {
             plugin,
             app: app.into(),
-            idle: Mutex::new(Vec::new()),
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             metrics: PoolMetrics::default(),
             last_warning: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             open_until_ms: AtomicU64::new(0),
         };
         let warm = pool.instantiate(LOAD_INIT_DEADLINE.max(pool.plugin.deadline))?;
-        pool.idle.lock().expect("pool lock").push(warm);
+        pool.shards[shard_index()].idle.lock().expect("pool lock").push(warm);
         Ok(pool)
     }
 
@@ -167,7 +187,9 @@ impl Pool {
         let state = HostState::new(plugin.name.clone(), self.app.clone(), plugin.memory_limit_bytes);
         let mut store = Store::new(plugin.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
-        store.set_epoch_deadline(deadline_ticks(deadline));
+        store.epoch_deadline_callback(super::host::on_epoch_tick);
+        store.data_mut().begin_call(deadline);
+        store.set_epoch_deadline(1);
         store.set_hostcall_fuel(INIT_FUEL);
         let result = (|| {
             let instance = plugin.pre.instantiate(&mut store)?;
@@ -191,7 +213,10 @@ impl Pool {
         fuel: usize,
         f: impl FnOnce(&Guest, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, Failure> {
-        self.metrics.calls.fetch_add(1, Ordering::Relaxed);
+        // Latency is sampled (one call in LATENCY_SAMPLE): reading the clock twice and
+        // locking the histogram on every call would cost more than some plugins do.
+        let shard = &self.shards[shard_index()];
+        let sampled = shard.calls.fetch_add(1, Ordering::Relaxed).is_multiple_of(LATENCY_SAMPLE);
         let open_until = self.open_until_ms.load(Ordering::Relaxed);
         if open_until != 0 && monotonic_ms() < open_until {
             self.count_error(FailureKind::CircuitOpen);
@@ -200,21 +225,21 @@ impl Pool {
                 format!("not called: {BREAKER_THRESHOLD} failures in a row; retrying within {BREAKER_OPEN_MS} ms"),
             ));
         }
-        let started = Instant::now();
-        let pooled = self.idle.lock().expect("pool lock").pop();
+        let started = sampled.then(Instant::now);
+        let pooled = self.take_idle(shard);
         let warm = match pooled {
             Some(w) => Ok(w),
             // On the hot path a replacement gets the call's own deadline, not the load-time one.
             None => self.instantiate(self.plugin.deadline),
         };
         let result = warm.and_then(|mut warm| {
-            warm.store.data_mut().begin_call();
-            warm.store.set_epoch_deadline(self.plugin.deadline_ticks);
+            warm.store.data_mut().begin_call(self.plugin.deadline);
+            warm.store.set_epoch_deadline(1);
             warm.store.set_hostcall_fuel(fuel);
             match f(&warm.guest, &mut warm.store) {
                 Ok(value) => {
-                    let mut idle = self.idle.lock().expect("pool lock");
-                    if idle.len() < self.plugin.pool_size {
+                    let mut idle = shard.idle.lock().expect("pool lock");
+                    if idle.len() < self.plugin.pool_size.div_ceil(SHARDS) {
                         idle.push(warm);
                     }
                     Ok(value)
@@ -222,18 +247,32 @@ impl Pool {
                 Err(e) => Err(classify(&e, warm.store.data())),
             }
         });
-        let nanos = started.elapsed().as_nanos() as u64;
-        if let Ok(mut h) = self.metrics.latency.lock() {
-            let _ = h.record(nanos.max(1));
+        if let Some(started) = started
+            && let Ok(mut h) = self.metrics.latency.lock()
+        {
+            let _ = h.record((started.elapsed().as_nanos() as u64).max(1));
         }
         match &result {
-            Ok(_) => self.consecutive_failures.store(0, Ordering::Relaxed),
+            // Read first: a store on every call would bounce the line between cores.
+            Ok(_) => {
+                if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                    self.consecutive_failures.store(0, Ordering::Relaxed);
+                }
+            }
             Err(failure) => {
                 self.count_error(failure.kind);
                 self.failed();
             }
         }
         result
+    }
+
+    /// An idle instance: this thread's, else another thread's, else none.
+    fn take_idle(&self, own: &Shard) -> Option<Warm> {
+        if let Some(w) = own.idle.lock().expect("pool lock").pop() {
+            return Some(w);
+        }
+        self.shards.iter().find_map(|s| s.idle.try_lock().ok().and_then(|mut i| i.pop()))
     }
 
     /// Counts a failure towards the breaker (also for answers rejected after the call).
@@ -272,14 +311,14 @@ impl Pool {
             plugin: self.plugin.name.to_string(),
             app: self.app.to_string(),
             world: self.plugin.world.as_str(),
-            calls: m.calls.load(Ordering::Relaxed),
+            calls: self.shards.iter().map(|s| s.calls.load(Ordering::Relaxed)).sum(),
             denials: m.denials.load(Ordering::Relaxed),
             errors: FailureKind::ALL
                 .iter()
                 .map(|k| (k.as_str(), m.errors[*k as usize].load(Ordering::Relaxed)))
                 .collect(),
             instantiations: m.instantiations.load(Ordering::Relaxed),
-            pool_idle: self.idle.lock().map(|i| i.len()).unwrap_or(0),
+            pool_idle: self.shards.iter().map(|s| s.idle.lock().map_or(0, |i| i.len())).sum(),
             pool_size: self.plugin.pool_size,
             latency_us: latency,
         }

@@ -240,7 +240,7 @@ impl<T: FrameIo> Session<T> {
             idle_timeout_ms: hb.idle_timeout.as_millis() as u64,
         }
         .encode();
-        if let Err(exit) = self.write(connected).await {
+        if let Err(exit) = self.send(Outbound::Frame(connected)).await {
             return exit;
         }
 
@@ -265,29 +265,11 @@ impl<T: FrameIo> Session<T> {
                     _ = &mut tick => Event::Tick,
                 }
             };
-            if matches!(event, Event::Inbound(Some(_))) {
-                // Anything the client sends, even a refused frame, shows it is alive.
-                self.last_seen = Instant::now();
-            }
             let step = match event {
                 Event::Kicked(code) => Err(Exit::Fatal(code, describe(code).into())),
                 Event::Shutdown => Err(Exit::Shutdown),
                 Event::Outbound(frame) => self.write_batch(frame).await,
-                Event::Inbound(None) => Err(Exit::Gone),
-                Event::Inbound(Some(Ok(Inbound::Frame(bytes)))) => self.on_frame(&bytes).await,
-                Event::Inbound(Some(Ok(Inbound::Activity))) => Ok(()),
-                Event::Inbound(Some(Err(ReadError::Io(e)))) => {
-                    debug!(error = %e, "read failed");
-                    Err(Exit::Gone)
-                }
-                Event::Inbound(Some(Err(e))) => {
-                    let code = e.code().unwrap_or(ErrorCode::ProtocolError);
-                    if e.is_fatal() {
-                        Err(Exit::Fatal(code, e.to_string()))
-                    } else {
-                        self.error(code, &e.to_string(), None).await
-                    }
-                }
+                Event::Inbound(item) => self.on_inbound_burst(item).await,
                 Event::Tick => {
                     let now = Instant::now();
                     let idle_deadline = self.last_seen + hb.idle_timeout;
@@ -306,6 +288,44 @@ impl<T: FrameIo> Session<T> {
             };
             if let Err(exit) = step {
                 return exit;
+            }
+        }
+    }
+
+    /// Handles `first` and whatever else the client already sent (up to [`MAX_BATCH`]),
+    /// then flushes the replies once: one write for a burst of acks, not one per frame.
+    async fn on_inbound_burst(&mut self, first: Option<Result<Inbound, ReadError>>) -> Result<(), Exit> {
+        use futures_util::FutureExt as _;
+        self.on_inbound(first).await?;
+        for _ in 1..MAX_BATCH {
+            match self.io.next().now_or_never() {
+                Some(item) => self.on_inbound(item).await?,
+                None => break,
+            }
+        }
+        self.flush().await
+    }
+
+    async fn on_inbound(&mut self, item: Option<Result<Inbound, ReadError>>) -> Result<(), Exit> {
+        if item.is_some() {
+            // Anything the client sends, even a refused frame, shows it is alive.
+            self.last_seen = Instant::now();
+        }
+        match item {
+            None => Err(Exit::Gone),
+            Some(Ok(Inbound::Frame(bytes))) => self.on_frame(&bytes).await,
+            Some(Ok(Inbound::Activity)) => Ok(()),
+            Some(Err(ReadError::Io(e))) => {
+                debug!(error = %e, "read failed");
+                Err(Exit::Gone)
+            }
+            Some(Err(e)) => {
+                let code = e.code().unwrap_or(ErrorCode::ProtocolError);
+                if e.is_fatal() {
+                    Err(Exit::Fatal(code, e.to_string()))
+                } else {
+                    self.error(code, &e.to_string(), None).await
+                }
             }
         }
     }
@@ -347,8 +367,17 @@ impl<T: FrameIo> Session<T> {
         self.write(ServerFrame::Error { code, message, reason: None, client_id, fatal: false }.encode()).await
     }
 
+    /// Queues a reply; [`flush`](Self::flush) puts it on the wire.
     async fn write(&mut self, frame: Frame) -> Result<(), Exit> {
-        self.send(Outbound::Frame(frame)).await
+        let limit = self.hub.config().limits.write_timeout;
+        let control = self.control.clone();
+        guarded(&control, limit, self.io.feed(Outbound::Frame(frame))).await
+    }
+
+    async fn flush(&mut self) -> Result<(), Exit> {
+        let limit = self.hub.config().limits.write_timeout;
+        let control = self.control.clone();
+        guarded(&control, limit, self.io.flush()).await
     }
 
     /// Sends one item and flushes, within `limits.write_timeout`.
