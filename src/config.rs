@@ -43,6 +43,8 @@ pub struct Config {
     pub plugins: Vec<PluginConfig>,
     /// Operator endpoints (`/admin/...`).
     pub admin: AdminConfig,
+    /// Several nodes as one system, over NATS. Absent: a single node with no dependency.
+    pub cluster: Option<ClusterConfig>,
     /// The directory relative paths in this config are resolved against (the config file's
     /// directory). Not a TOML key.
     #[serde(skip)]
@@ -211,6 +213,8 @@ pub struct Limits {
     pub message_burst: u32,
     /// Largest HTTP request body the API reads, in bytes.
     pub max_http_body_bytes: usize,
+    /// Channels one connection may subscribe to.
+    pub max_channels_per_connection: usize,
     /// Concurrent connections per HTTP/HTTPS listener; more are closed at once.
     pub max_http_connections: usize,
     /// Time an HTTP request may take to be read and answered.
@@ -231,6 +235,7 @@ impl Default for Limits {
             messages_per_second: 100,
             message_burst: 200,
             max_http_body_bytes: 1024 * 1024,
+            max_channels_per_connection: 64,
             max_http_connections: 10_000,
             http_request_timeout: Duration::from_secs(30),
         }
@@ -286,6 +291,85 @@ pub struct RouteConfig {
 impl Default for RouteConfig {
     fn default() -> Self {
         Self { batch_max_uids: 10_000, plugin: None }
+    }
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS servers to connect to (any of them; the client learns the rest of the cluster).
+    pub urls: Vec<String>,
+    /// NATS authentication: a token, user and password, or a credentials (`.creds`) file.
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+    /// TLS to NATS: a CA file to trust (implies TLS), and whether to require TLS.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub require_tls: bool,
+    /// Where this node is, for geographic routing.
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub lat: Option<f64>,
+    #[serde(default)]
+    pub lon: Option<f64>,
+    /// Connections this node is meant to hold (load routing); default `limits.max_connections`.
+    #[serde(default)]
+    pub capacity: Option<u64>,
+    /// How often this node refreshes its registry entry.
+    #[serde(default = "default_cluster_heartbeat", with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// A node not heard from for this long is gone: never routed to.
+    #[serde(default = "default_cluster_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Prefix of every subject and bucket, so several deployments can share one NATS.
+    #[serde(default = "default_subject_prefix")]
+    pub subject_prefix: String,
+    /// After the first answer from another node, how long to wait for more (a user may be
+    /// connected to several nodes) before reporting how many connections a message reached.
+    #[serde(default = "default_gather_window", with = "humantime_serde")]
+    pub gather_window: Duration,
+    /// Longest wait for other nodes' answers to a delivery.
+    #[serde(default = "default_cluster_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+fn default_cluster_heartbeat() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_cluster_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_subject_prefix() -> String {
+    "sb".into()
+}
+fn default_gather_window() -> Duration {
+    Duration::from_millis(5)
+}
+fn default_cluster_request_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+// Credentials stay out of `{:?}`.
+impl fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("urls", &self.urls)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("credentials_file", &self.credentials_file)
+            .field("region", &self.region)
+            .field("heartbeat", &self.heartbeat)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
     }
 }
 
@@ -437,11 +521,19 @@ pub struct ShutdownConfig {
     /// node going away does not send every client to the others at the same instant.
     #[serde(with = "humantime_serde")]
     pub reconnect_jitter: Duration,
+    /// In a cluster, draining (`POST /admin/drain`, or SIGTERM) moves clients to their new
+    /// nodes spread over this window rather than all at once.
+    #[serde(with = "humantime_serde")]
+    pub drain_window: Duration,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        Self { grace: Duration::from_secs(10), reconnect_jitter: Duration::from_secs(5) }
+        Self {
+            grace: Duration::from_secs(10),
+            reconnect_jitter: Duration::from_secs(5),
+            drain_window: Duration::from_secs(5),
+        }
     }
 }
 
@@ -462,6 +554,10 @@ pub struct AppConfig {
     /// Router plugin for this app's users (default: `route.plugin`, then rendezvous hashing).
     #[serde(default)]
     pub router: Option<String>,
+    /// Whether clients may publish to channels (`publish` frames); otherwise only the app
+    /// server can (`POST /api/v1/channels/{channel}/publish`).
+    #[serde(default)]
+    pub client_publish: bool,
 }
 
 fn default_leeway() -> Duration {
@@ -724,6 +820,44 @@ impl Config {
         }
 
         self.validate_plugins(&mut problem);
+        if let Some(c) = &self.cluster {
+            if c.urls.is_empty() {
+                problem("cluster.urls", "at least one NATS URL is required, e.g. [\"nats://127.0.0.1:4222\"]".into());
+            }
+            for (i, url) in c.urls.iter().enumerate() {
+                if !(url.starts_with("nats://") || url.starts_with("tls://") || url.contains(':')) {
+                    problem(&format!("cluster.urls[{i}]"), format!("{url:?} is not a NATS URL (nats://host:port)"));
+                }
+            }
+            if c.user.is_some() != c.password.is_some() {
+                problem("cluster.password", "user and password go together".into());
+            }
+            if c.heartbeat.is_zero() {
+                problem("cluster.heartbeat", "must be more than 0s".into());
+            }
+            if c.ttl < c.heartbeat * 2 {
+                problem("cluster.ttl", "must be at least twice cluster.heartbeat".into());
+            }
+            if c.subject_prefix.is_empty() || !c.subject_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                problem("cluster.subject_prefix", "must be letters, digits and _".into());
+            }
+            if c.lat.is_some_and(|x| x.abs() > 90.0) {
+                problem("cluster.lat", "must be within ±90".into());
+            }
+            if c.lon.is_some_and(|x| x.abs() > 180.0) {
+                problem("cluster.lon", "must be within ±180".into());
+            }
+            for (key, path) in
+                [("cluster.credentials_file", &c.credentials_file), ("cluster.tls_ca_file", &c.tls_ca_file)]
+            {
+                if let Some(p) = path
+                    && !self.resolve(p).is_file()
+                {
+                    problem(key, format!("file not found: {}", self.resolve(p).display()));
+                }
+            }
+        }
         if let Some(token) = &self.admin.token
             && token.len() < 16
         {

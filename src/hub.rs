@@ -6,8 +6,9 @@
 //! plugin set; it does not do I/O itself.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde_json::value::RawValue;
@@ -17,11 +18,15 @@ use tracing::{info, warn};
 use crate::auth::Secret;
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::nonce::NonceStore;
+use crate::cluster::membership::NodeRecord;
+use crate::cluster::nats::{Cluster, Pending, Remote, Target};
 use crate::cluster::{Addrs, NodeInfo};
 use crate::config::{AuthMode, Config, FailurePolicy};
 use crate::plugin::{AuthOutcome, AuthRequest, FilterMessage, PluginError, PluginSet, RouteNode, RouteUser, Verdict};
-use crate::protocol::{EVENT_DIRECT, Envelope, ErrorCode, MsgIdGen, conversation_id, encode_message, now_ms};
-use crate::registry::Registry;
+use crate::protocol::{
+    EVENT_CHANNEL, EVENT_DIRECT, Envelope, ErrorCode, Frame, MsgIdGen, conversation_id, encode_message, now_ms,
+};
+use crate::registry::{Delivered, Registry, SessionHandle};
 use crate::routing;
 use crate::session::ConnectRequest;
 
@@ -74,22 +79,78 @@ pub struct Refused {
 }
 
 /// A message accepted for delivery.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Sent {
     pub msg_id: String,
     pub send_at: u64,
-    /// Connections the message was handed to.
-    pub delivered: usize,
-    /// Connections of the recipient that were too slow to take it (and are being closed).
-    pub dropped: usize,
+    pub delivery: Delivery,
+}
+
+/// Where a message went: this node's sessions now, the other nodes' answers to come.
+#[derive(Debug)]
+pub struct Delivery {
+    pub local: Delivered,
+    pub remote: RemoteDelivery,
+}
+
+#[derive(Debug)]
+pub enum RemoteDelivery {
+    /// Not a cluster: this node is everything.
+    Single,
+    /// Published; the other nodes' answers are being collected.
+    Pending(Pending),
+    /// NATS is unreachable: nothing could be sent to other nodes.
+    Unavailable,
+}
+
+/// The final count of a delivery, over the whole cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub delivered: Delivered,
+    /// The other nodes could not be asked: `delivered` counts this node only.
+    pub cluster_unavailable: bool,
+}
+
+impl Outcome {
+    /// `delivered`, `dropped`, `offline`, or `unavailable` (nothing delivered here and the
+    /// cluster could not be asked).
+    pub fn status(&self) -> &'static str {
+        if self.delivered.sessions == 0 && self.delivered.dropped == 0 && self.cluster_unavailable {
+            "unavailable"
+        } else {
+            crate::protocol::delivery_status(self.delivered.sessions, self.delivered.dropped)
+        }
+    }
+}
+
+impl Delivery {
+    /// Whether the final count is known already (no other node to hear from).
+    pub fn is_settled(&self) -> bool {
+        !matches!(self.remote, RemoteDelivery::Pending(_))
+    }
+
+    /// Waits for the other nodes' answers and adds them up.
+    pub async fn finish(self) -> Outcome {
+        let mut delivered = self.local;
+        let mut cluster_unavailable = false;
+        match self.remote {
+            RemoteDelivery::Single => {}
+            RemoteDelivery::Unavailable => cluster_unavailable = true,
+            RemoteDelivery::Pending(p) => match p.wait().await {
+                Remote::Nobody => {}
+                Remote::Delivered(d) => delivered += d,
+                Remote::Unavailable => cluster_unavailable = true,
+            },
+        }
+        Outcome { delivered, cluster_unavailable }
+    }
 }
 
 /// Per-recipient result of a push.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recipient {
     pub uid: String,
-    pub connections: usize,
-    pub dropped: usize,
+    pub outcome: Outcome,
     /// Set when the app's filters stopped the message for this recipient.
     pub refused: Option<Refused>,
 }
@@ -118,6 +179,10 @@ pub struct Hub {
     plugins: ArcSwap<PluginSet>,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
+    /// The NATS cluster, when `[cluster]` is configured (attached after start-up).
+    cluster: OnceLock<Arc<Cluster>>,
+    /// Leaving: out of routing, clients being moved.
+    draining: AtomicBool,
 }
 
 /// Holds one slot of `limits.max_connections` while a connection lives.
@@ -159,6 +224,8 @@ impl Hub {
             started_secs: now_ms() / 1000,
             plugins: ArcSwap::from_pointee(plugins),
             reloading: tokio::sync::Mutex::new(()),
+            cluster: OnceLock::new(),
+            draining: AtomicBool::new(false),
         })
     }
 
@@ -287,8 +354,64 @@ impl Hub {
         Ok(rewritten)
     }
 
-    /// Delivers a direct message from `from` to every connection of `to` in `app`, after
-    /// the app's filters.
+    /// Delivers to this node's sessions of `target`.
+    pub fn deliver_local(&self, target: Target<'_>, frame: &Frame) -> Delivered {
+        match target {
+            Target::User { app, uid } => {
+                self.apps.get(app).map_or_else(Delivered::default, |a| a.registry.deliver(uid, frame))
+            }
+            Target::Channel { app, channel } => {
+                self.apps.get(app).map_or_else(Delivered::default, |a| a.registry.deliver_channel(channel, frame))
+            }
+        }
+    }
+
+    /// Delivers `frame` to `target` on this node and, in a cluster, publishes it to the
+    /// other nodes that hold the target.
+    async fn deliver(&self, target: Target<'_>, frame: &Frame) -> Delivery {
+        let local = self.deliver_local(target, frame);
+        let remote = match self.cluster.get() {
+            None => RemoteDelivery::Single,
+            Some(cluster) => match cluster.publish(target, frame).await {
+                Some(pending) => RemoteDelivery::Pending(pending),
+                None => RemoteDelivery::Unavailable,
+            },
+        };
+        Delivery { local, remote }
+    }
+
+    /// Runs the filters and encodes one message; the frame to deliver, or why not.
+    fn prepare(
+        &self,
+        app: &App,
+        msg: &FilterMessage<'_>,
+        channel: Option<&str>,
+        max_bytes: usize,
+    ) -> Result<Frame, Refused> {
+        let rewritten = self.filter(msg, max_bytes)?;
+        let data = match &rewritten {
+            Some(r) => r.get(),
+            None => msg.data,
+        };
+        let data: &RawValue = serde_json::from_str(data).expect("filters only pass valid JSON on");
+        let conversation = match channel {
+            Some(c) => format!("c:{c}"),
+            None => conversation_id(&app.id, msg.from, msg.to),
+        };
+        Ok(encode_message(&Envelope {
+            from: msg.from,
+            to: msg.to,
+            channel,
+            event: msg.event,
+            data,
+            msg_id: msg.msg_id,
+            send_at: msg.send_at,
+            conversation_id: &conversation,
+        }))
+    }
+
+    /// Delivers a direct message from `from` to every connection of `to` in `app`, on every
+    /// node, after the app's filters.
     pub async fn send_direct(
         &self,
         app: &App,
@@ -309,24 +432,41 @@ impl Hub {
             send_at,
             sender_metadata: from_metadata,
         };
-        let rewritten = self.filter(&msg, self.config.limits.max_frame_bytes)?;
-        let data = rewritten.as_deref().unwrap_or(data);
-        let conversation = conversation_id(&app.id, from, to);
-        let frame = encode_message(&Envelope {
-            from,
-            to,
-            event: EVENT_DIRECT,
-            data,
-            msg_id: &msg_id,
-            send_at,
-            conversation_id: &conversation,
-        });
-        let d = app.registry.deliver(to, &frame);
-        Ok(Sent { msg_id, send_at, delivered: d.sessions, dropped: d.dropped })
+        let frame = self.prepare(app, &msg, None, self.config.limits.max_frame_bytes)?;
+        let delivery = self.deliver(Target::User { app: &app.id, uid: to }, &frame).await;
+        Ok(Sent { msg_id, send_at, delivery })
     }
 
-    /// Delivers one pushed message to each recipient (filtered per recipient); one `msg_id`
-    /// for all of them.
+    /// Publishes to every subscriber of `channel` in `app`, on every node, after the app's
+    /// filters (which see the channel as `to` and event 2).
+    pub async fn publish_channel(
+        &self,
+        app: &App,
+        from: &str,
+        from_metadata: &[(String, String)],
+        channel: &str,
+        data: &RawValue,
+        max_bytes: usize,
+    ) -> Result<Sent, Refused> {
+        let msg_id = self.ids.next();
+        let send_at = now_ms();
+        let msg = FilterMessage {
+            app_id: &app.id,
+            from,
+            to: channel,
+            event: EVENT_CHANNEL,
+            data: data.get(),
+            msg_id: &msg_id,
+            send_at,
+            sender_metadata: from_metadata,
+        };
+        let frame = self.prepare(app, &msg, Some(channel), max_bytes)?;
+        let delivery = self.deliver(Target::Channel { app: &app.id, channel }, &frame).await;
+        Ok(Sent { msg_id, send_at, delivery })
+    }
+
+    /// Delivers one pushed message to each recipient (filtered per recipient), on every
+    /// node; one `msg_id` for all of them. Waits for the other nodes' counts.
     pub async fn push(
         &self,
         app: &App,
@@ -337,63 +477,134 @@ impl Hub {
         let msg_id = self.ids.next();
         let send_at = now_ms();
         let max_bytes = self.config.limits.max_http_body_bytes;
+        let mut deliveries = Vec::with_capacity(recipients.len());
+        for to in recipients {
+            let msg = FilterMessage {
+                app_id: &app.id,
+                from,
+                to,
+                event: EVENT_DIRECT,
+                data: data.get(),
+                msg_id: &msg_id,
+                send_at,
+                sender_metadata: &[],
+            };
+            deliveries.push(match self.prepare(app, &msg, None, max_bytes) {
+                Ok(frame) => Ok(self.deliver(Target::User { app: &app.id, uid: to }, &frame).await),
+                Err(refused) => Err(refused),
+            });
+        }
+        // The other nodes answer in parallel.
+        let outcomes = futures_util::future::join_all(deliveries.into_iter().map(|d| async move {
+            match d {
+                Ok(delivery) => Ok(delivery.finish().await),
+                Err(refused) => Err(refused),
+            }
+        }))
+        .await;
         let results = recipients
             .iter()
-            .map(|to| {
-                let msg = FilterMessage {
-                    app_id: &app.id,
-                    from,
-                    to,
-                    event: EVENT_DIRECT,
-                    data: data.get(),
-                    msg_id: &msg_id,
-                    send_at,
-                    sender_metadata: &[],
-                };
-                let rewritten = match self.filter(&msg, max_bytes) {
-                    Ok(r) => r,
-                    Err(refused) => {
-                        return Recipient { uid: to.clone(), connections: 0, dropped: 0, refused: Some(refused) };
-                    }
-                };
-                let conversation = conversation_id(&app.id, from, to);
-                let frame = encode_message(&Envelope {
-                    from,
-                    to,
-                    event: EVENT_DIRECT,
-                    data: rewritten.as_deref().unwrap_or(data),
-                    msg_id: &msg_id,
-                    send_at,
-                    conversation_id: &conversation,
-                });
-                let d = app.registry.deliver(to, &frame);
-                Recipient { uid: to.clone(), connections: d.sessions, dropped: d.dropped, refused: None }
+            .zip(outcomes)
+            .map(|(uid, outcome)| match outcome {
+                Ok(o) => Recipient { uid: uid.clone(), outcome: o, refused: None },
+                Err(refused) => Recipient { uid: uid.clone(), outcome: Outcome::default(), refused: Some(refused) },
             })
             .collect();
         (msg_id, send_at, results)
     }
 
-    /// The nodes users can be routed to. On a single node: this one.
-    pub fn route_nodes(&self) -> Vec<(RouteNode, &NodeInfo)> {
-        let me = RouteNode {
+    /// Joins a session to a channel (and, for the first local subscriber, subscribes this
+    /// node to the channel in the cluster, waiting until NATS has the subscription).
+    pub async fn join_channel(&self, app: &App, channel: &str, handle: SessionHandle) {
+        if app.registry.join(channel, handle)
+            && let Some(c) = self.cluster.get()
+        {
+            c.add_interest(Target::Channel { app: &app.id, channel }).await;
+        }
+    }
+
+    pub fn leave_channel(&self, app: &App, channel: &str, conn_id: u64) {
+        if app.registry.leave(channel, conn_id)
+            && let Some(c) = self.cluster.get()
+        {
+            c.remove_interest(Target::Channel { app: &app.id, channel });
+        }
+    }
+
+    /// Registers a session (and, for the user's first session here, subscribes this node
+    /// to the user in the cluster, waiting until NATS has the subscription).
+    pub async fn register(&self, app: &App, uid: &str, handle: SessionHandle) -> Result<(), ErrorCode> {
+        let first = app.registry.register(uid, handle, self.config.limits.max_connections_per_user)?;
+        if first && let Some(c) = self.cluster.get() {
+            c.add_interest(Target::User { app: &app.id, uid }).await;
+        }
+        Ok(())
+    }
+
+    pub fn unregister(&self, app: &App, uid: &str, conn_id: u64) {
+        if app.registry.unregister(uid, conn_id)
+            && let Some(c) = self.cluster.get()
+        {
+            c.remove_interest(Target::User { app: &app.id, uid });
+        }
+    }
+
+    /// The cluster this node is part of, if any.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
+    }
+
+    /// Attaches the cluster (once, at start-up).
+    pub fn set_cluster(&self, cluster: Arc<Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// This node as the registry describes it.
+    pub fn node_record(&self) -> NodeRecord {
+        let c = self.config.cluster.as_ref();
+        NodeRecord {
             id: self.node.id.clone(),
+            external: self.node.external.clone(),
+            intranet: self.node.intranet.clone(),
+            region: c.and_then(|c| c.region.clone()),
+            lat: c.and_then(|c| c.lat),
+            lon: c.and_then(|c| c.lon),
             connections: self.connections() as u64,
-            capacity: self.config.limits.max_connections as u64,
-            draining: self.is_shutting_down(),
-            ..RouteNode::default()
-        };
-        vec![(me, &self.node)]
+            capacity: c.and_then(|c| c.capacity).unwrap_or(self.config.limits.max_connections as u64),
+            draining: self.is_draining(),
+            heartbeat_ms: now_ms(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    /// The nodes users can be routed to: every live node of the cluster, or this one.
+    pub fn route_nodes(&self) -> Vec<NodeRecord> {
+        match self.cluster.get() {
+            Some(c) => c.membership.live(),
+            None => vec![self.node_record()],
+        }
     }
 
     /// Which node each user should connect to, grouped by node in WuKongIM's shape: the
-    /// app's router plugin (or the global one) decides, with rendezvous hashing as the
-    /// fallback when there is none or it fails.
+    /// app's router plugin (or the global one) decides among the live nodes, with
+    /// rendezvous hashing as the fallback when there is none or it fails.
     pub fn route(&self, app_id: Option<&str>, users: &[RouteUser], intranet: bool) -> Vec<RouteGroup> {
         if users.is_empty() {
             return Vec::new();
         }
         let members = self.route_nodes();
-        let nodes: Vec<RouteNode> = members.iter().map(|(n, _)| n.clone()).collect();
+        let nodes: Vec<RouteNode> = members
+            .iter()
+            .map(|m| RouteNode {
+                id: m.id.clone(),
+                region: m.region.clone(),
+                lat: m.lat,
+                lon: m.lon,
+                connections: m.connections,
+                capacity: m.capacity,
+                draining: m.draining,
+            })
+            .collect();
         let plugins = self.plugins.load();
         let router = match app_id {
             Some(id) => plugins.app(id).router.as_ref(),
@@ -405,13 +616,51 @@ impl Hub {
             match groups.iter_mut().find(|(n, _)| *n == node) {
                 Some((_, g)) => g.uids.push(user.uid.clone()),
                 None => {
-                    let info = members[node].1;
-                    let addrs = if intranet { &info.intranet } else { &info.external };
+                    let m = &members[node];
+                    let addrs = if intranet { &m.intranet } else { &m.external };
                     groups.push((node, RouteGroup { uids: vec![user.uid.clone()], addrs: addrs.clone() }));
                 }
             }
         }
         groups.into_iter().map(|(_, g)| g).collect()
+    }
+
+    /// The node `uid` should move to when this one goes away: `None` when that is this
+    /// node (a single node has nowhere else to send its clients).
+    pub fn new_home(&self, uid: &str) -> Option<Addrs> {
+        let user = RouteUser { uid: uid.into(), ..RouteUser::default() };
+        let group = self.route(None, std::slice::from_ref(&user), false).into_iter().next()?;
+        (group.addrs != self.node.external).then_some(group.addrs)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Leaves routing at once, then moves every client to its new node, spread over
+    /// `window` so that the others are not hit by a reconnect storm. Returns how many
+    /// connections were asked to move.
+    pub async fn drain(self: &Arc<Self>, window: Duration) -> usize {
+        if self.draining.swap(true, Ordering::AcqRel) {
+            return 0;
+        }
+        if let Some(c) = self.cluster.get() {
+            c.membership.update(|r| r.draining = true);
+            if let Err(e) = c.membership.publish().await {
+                warn!(error = %e, "could not announce draining; other nodes will see it at the next heartbeat");
+            }
+        }
+        let sessions: Vec<SessionHandle> =
+            self.apps.values().flat_map(|a| a.registry.all_sessions()).map(|(_, h)| h).collect();
+        let n = sessions.len();
+        info!(connections = n, ?window, "draining: moving clients to other nodes");
+        let started = tokio::time::Instant::now();
+        for (i, s) in sessions.into_iter().enumerate() {
+            let at = started + window.mul_f64(i as f64 / n.max(1) as f64);
+            tokio::time::sleep_until(at).await;
+            s.control.kick(ErrorCode::NodeDraining);
+        }
+        n
     }
 
     /// Re-reads the plugin configuration (from the config file when the node was started

@@ -24,7 +24,8 @@ pub struct SessionControl {
     queued_bytes: AtomicUsize,
 }
 
-const KICK_REASONS: [ErrorCode; 3] = [ErrorCode::SlowConsumer, ErrorCode::ServerShutdown, ErrorCode::Internal];
+const KICK_REASONS: [ErrorCode; 4] =
+    [ErrorCode::SlowConsumer, ErrorCode::ServerShutdown, ErrorCode::Internal, ErrorCode::NodeDraining];
 
 impl SessionControl {
     /// Asks the session to close. The first reason wins.
@@ -71,6 +72,38 @@ pub struct SessionHandle {
     pub control: Arc<SessionControl>,
 }
 
+/// Why a frame could not be queued for a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfferError {
+    /// The queue is full (in frames or bytes): the session is kicked as a slow consumer.
+    Full,
+    /// The session is closing.
+    Closed,
+}
+
+impl SessionHandle {
+    /// Queues `frame` without waiting, keeping the byte count the session's budget is
+    /// checked against; a full queue kicks the session as a slow consumer.
+    pub fn offer(&self, frame: &Frame, max_queued_bytes: usize) -> Result<(), OfferError> {
+        let queued = self.control.queued_bytes.fetch_add(frame.len(), Ordering::Relaxed) + frame.len();
+        let result = if queued > max_queued_bytes {
+            Err(OfferError::Full)
+        } else {
+            self.tx.try_send(frame.clone()).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => OfferError::Full,
+                mpsc::error::TrySendError::Closed(_) => OfferError::Closed,
+            })
+        };
+        if let Err(e) = result {
+            self.control.queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
+            if e == OfferError::Full {
+                self.control.kick(ErrorCode::SlowConsumer);
+            }
+        }
+        result
+    }
+}
+
 /// Result of offering a frame to a user's sessions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Delivered {
@@ -80,10 +113,18 @@ pub struct Delivered {
     pub dropped: usize,
 }
 
-/// The sessions of one app on this node.
+impl std::ops::AddAssign for Delivered {
+    fn add_assign(&mut self, other: Self) {
+        self.sessions += other.sessions;
+        self.dropped += other.dropped;
+    }
+}
+
+/// The sessions of one app on this node: by user, and by channel subscribed to.
 #[derive(Debug)]
 pub struct Registry {
     users: DashMap<Box<str>, Vec<SessionHandle>>,
+    channels: DashMap<Box<str>, Vec<SessionHandle>>,
     sessions: AtomicUsize,
     /// Queued bytes one session may hold before it counts as a slow consumer.
     max_queued_bytes: usize,
@@ -91,65 +132,74 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(max_queued_bytes: usize) -> Self {
-        Self { users: DashMap::new(), sessions: AtomicUsize::new(0), max_queued_bytes }
+        Self { users: DashMap::new(), channels: DashMap::new(), sessions: AtomicUsize::new(0), max_queued_bytes }
+    }
+
+    pub fn max_queued_bytes(&self) -> usize {
+        self.max_queued_bytes
     }
 
     /// Adds a session for `uid`, unless the user already holds `max_per_user` sessions.
-    pub fn register(&self, uid: &str, handle: SessionHandle, max_per_user: usize) -> Result<(), ErrorCode> {
+    /// Returns whether it is the user's first session on this node.
+    pub fn register(&self, uid: &str, handle: SessionHandle, max_per_user: usize) -> Result<bool, ErrorCode> {
         let mut entry = self.users.entry(uid.into()).or_default();
         if entry.len() >= max_per_user {
             return Err(ErrorCode::TooManyDevices);
         }
         entry.push(handle);
         self.sessions.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(entry.len() == 1)
     }
 
-    pub fn unregister(&self, uid: &str, conn_id: u64) {
-        let removed = self.users.remove_if_mut(uid, |_, sessions| {
-            if let Some(i) = sessions.iter().position(|s| s.conn_id == conn_id) {
-                sessions.swap_remove(i);
-                self.sessions.fetch_sub(1, Ordering::Relaxed);
-            }
-            sessions.is_empty()
-        });
-        drop(removed);
+    /// Removes a session; returns whether it was the user's last one on this node.
+    pub fn unregister(&self, uid: &str, conn_id: u64) -> bool {
+        remove_from(&self.users, uid, conn_id, Some(&self.sessions))
+    }
+
+    /// Subscribes a session to `channel`; returns whether it is the channel's first local
+    /// subscriber.
+    pub fn join(&self, channel: &str, handle: SessionHandle) -> bool {
+        let mut entry = self.channels.entry(channel.into()).or_default();
+        if entry.iter().any(|h| h.conn_id == handle.conn_id) {
+            return false;
+        }
+        entry.push(handle);
+        entry.len() == 1
+    }
+
+    /// Unsubscribes a session; returns whether the channel has no local subscriber left.
+    pub fn leave(&self, channel: &str, conn_id: u64) -> bool {
+        remove_from(&self.channels, channel, conn_id, None)
     }
 
     /// Offers `frame` to every session of `uid` without waiting: a session whose queue is
     /// full (in frames or in bytes) is kicked as a slow consumer, so one stuck reader never
     /// delays anyone else.
     pub fn deliver(&self, uid: &str, frame: &Frame) -> Delivered {
-        let mut out = Delivered::default();
-        let Some(sessions) = self.users.get(uid) else { return out };
-        for s in sessions.iter() {
-            let queued = s.control.queued_bytes.fetch_add(frame.len(), Ordering::Relaxed) + frame.len();
-            let result = if queued > self.max_queued_bytes {
-                Err(mpsc::error::TrySendError::Full(()))
-            } else {
-                s.tx.try_send(frame.clone()).map_err(|e| match e {
-                    mpsc::error::TrySendError::Full(_) => mpsc::error::TrySendError::Full(()),
-                    mpsc::error::TrySendError::Closed(_) => mpsc::error::TrySendError::Closed(()),
-                })
-            };
-            match result {
-                Ok(()) => out.sessions += 1,
-                Err(e) => {
-                    s.control.queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
-                    // A closed queue: the session is on its way out and unregisters itself.
-                    if matches!(e, mpsc::error::TrySendError::Full(())) {
-                        s.control.kick(ErrorCode::SlowConsumer);
-                        out.dropped += 1;
-                    }
-                }
-            }
-        }
-        out
+        offer_all(self.users.get(uid).as_deref().map(Vec::as_slice), frame, self.max_queued_bytes)
+    }
+
+    /// Offers `frame` to every local subscriber of `channel`.
+    pub fn deliver_channel(&self, channel: &str, frame: &Frame) -> Delivered {
+        offer_all(self.channels.get(channel).as_deref().map(Vec::as_slice), frame, self.max_queued_bytes)
+    }
+
+    /// Every session of this app on this node (for draining).
+    pub fn all_sessions(&self) -> Vec<(String, SessionHandle)> {
+        self.users
+            .iter()
+            .flat_map(|e| e.value().iter().map(|h| (e.key().to_string(), h.clone())).collect::<Vec<_>>())
+            .collect()
     }
 
     /// Sessions of `uid` on this node.
     pub fn sessions_of(&self, uid: &str) -> usize {
         self.users.get(uid).map_or(0, |s| s.len())
+    }
+
+    /// Local subscribers of `channel`.
+    pub fn subscribers_of(&self, channel: &str) -> usize {
+        self.channels.get(channel).map_or(0, |s| s.len())
     }
 
     /// Sessions of this app on this node.
@@ -165,6 +215,45 @@ impl Registry {
     pub fn users(&self) -> usize {
         self.users.len()
     }
+
+    /// Channels with at least one local subscriber.
+    pub fn channels(&self) -> usize {
+        self.channels.len()
+    }
+}
+
+fn offer_all(sessions: Option<&[SessionHandle]>, frame: &Frame, max_bytes: usize) -> Delivered {
+    let mut out = Delivered::default();
+    for s in sessions.unwrap_or_default() {
+        match s.offer(frame, max_bytes) {
+            Ok(()) => out.sessions += 1,
+            Err(OfferError::Full) => out.dropped += 1,
+            // The session is on its way out and will unregister itself.
+            Err(OfferError::Closed) => {}
+        }
+    }
+    out
+}
+
+/// Removes `conn_id` from `key`'s list; true when the list became empty (and was removed).
+fn remove_from(
+    map: &DashMap<Box<str>, Vec<SessionHandle>>,
+    key: &str,
+    conn_id: u64,
+    count: Option<&AtomicUsize>,
+) -> bool {
+    let mut emptied = false;
+    let removed = map.remove_if_mut(key, |_, sessions| {
+        if let Some(i) = sessions.iter().position(|s| s.conn_id == conn_id) {
+            sessions.swap_remove(i);
+            if let Some(c) = count {
+                c.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        emptied = sessions.is_empty();
+        emptied
+    });
+    removed.is_some() && emptied
 }
 
 #[cfg(test)]
@@ -182,8 +271,8 @@ mod tests {
         let (a, mut ra) = handle(1, 4);
         let (b, _rb) = handle(2, 1);
         let b_control = b.control.clone();
-        r.register("u", a, 4).unwrap();
-        r.register("u", b, 4).unwrap();
+        assert!(r.register("u", a, 4).unwrap(), "first session of u");
+        assert!(!r.register("u", b, 4).unwrap());
         let frame = Frame::from_static("x");
         assert_eq!(r.deliver("u", &frame), Delivered { sessions: 2, dropped: 0 });
         assert_eq!(r.deliver("u", &frame), Delivered { sessions: 1, dropped: 1 });
@@ -199,9 +288,24 @@ mod tests {
         r.register("u", handle(2, 1).0, 2).unwrap();
         assert_eq!(r.register("u", handle(3, 1).0, 2), Err(ErrorCode::TooManyDevices));
         assert_eq!(r.len(), 2);
-        r.unregister("u", 1);
-        r.unregister("u", 2);
+        assert!(!r.unregister("u", 1));
+        assert!(r.unregister("u", 2), "last session of u");
         assert_eq!((r.len(), r.users()), (0, 0));
+    }
+
+    #[test]
+    fn channels_deliver_to_subscribers() {
+        let r = Registry::new(1 << 20);
+        let (a, mut ra) = handle(1, 4);
+        let (b, _rb) = handle(2, 4);
+        assert!(r.join("room", a.clone()));
+        assert!(!r.join("room", a), "joining twice is a no-op");
+        assert!(!r.join("room", b));
+        assert_eq!(r.deliver_channel("room", &Frame::from_static("m")).sessions, 2);
+        assert_eq!(ra.try_recv().unwrap().as_str(), "m");
+        assert!(!r.leave("room", 1));
+        assert!(r.leave("room", 2));
+        assert_eq!(r.channels(), 0);
     }
 
     #[test]

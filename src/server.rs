@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::api::{self, serve::HttpLimits};
+use crate::cluster::nats::{Cluster, ClusterError};
 use crate::cluster::{self, Bound, NodeIdError, NodeInfo};
 use crate::config::Config;
 use crate::hub::Hub;
@@ -32,6 +33,8 @@ pub enum StartError {
     NodeId(#[from] NodeIdError),
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 /// The actual address of each enabled listener.
@@ -105,7 +108,12 @@ impl Server {
             cluster::advertise(&config, &Bound { tcp: addrs.tcp, ws: addrs.ws, wss: addrs.wss });
         let node = NodeInfo { id, external, intranet, warnings };
         let plugins = PluginSet::load(&config, 1)?;
+        let clustered = config.cluster.is_some();
         let hub = Hub::new(config, node, plugins);
+        if clustered {
+            let cluster = Cluster::start(&hub, hub.node_record()).await?;
+            hub.set_cluster(cluster);
+        }
         Ok(Self { hub, addrs, http, https, tcp, ws, wss, tls })
     }
 
@@ -174,8 +182,20 @@ impl Server {
         }
 
         shutdown.await;
-        info!(connections = hub.connections(), ?grace, "shutting down: telling clients to reconnect");
         let started = tokio::time::Instant::now();
+        if let Some(cluster) = hub.cluster() {
+            // Leave routing first and move every client to its new node, spread out.
+            let window = hub.config().shutdown.drain_window;
+            hub.drain(window).await;
+            let _ = tokio::time::timeout(grace, async {
+                while hub.connections() > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            cluster.membership.leave().await;
+        }
+        info!(connections = hub.connections(), ?grace, "shutting down: telling clients to reconnect");
         stop_clients.cancel();
         clients.close();
         if tokio::time::timeout(grace, clients.wait()).await.is_err() {

@@ -85,3 +85,25 @@ pub(super) async fn reload(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> R
         )),
     }
 }
+
+#[derive(Serialize)]
+pub(super) struct DrainStarted {
+    draining: bool,
+    connections: usize,
+    window_ms: u64,
+}
+
+/// Starts draining: the node leaves routing at once and moves its clients to other nodes
+/// over `shutdown.drain_window`. The node keeps running (and answering the API) until it
+/// is stopped.
+pub(super) async fn drain(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<DrainStarted>), ApiError> {
+    authorize(&hub, &headers)?;
+    let window = hub.config().shutdown.drain_window;
+    let connections = hub.connections();
+    let h = hub.clone();
+    tokio::spawn(async move { h.drain(window).await });
+    Ok((StatusCode::ACCEPTED, Json(DrainStarted { draining: true, connections, window_ms: window.as_millis() as u64 })))
+}

@@ -5,6 +5,7 @@
 //! human version of this module.
 
 mod admin;
+mod channels;
 mod error;
 mod push;
 mod route;
@@ -32,7 +33,9 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/healthz", get(version::healthz))
         .route("/api/v1/push", post(push::push))
         .route("/api/v1/im/push", post(push::push))
+        .route("/api/v1/channels/{channel}/publish", post(channels::publish))
         .route("/admin/plugins", get(admin::plugins))
+        .route("/admin/drain", post(admin::drain))
         .route("/admin/plugins/reload", post(admin::reload))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

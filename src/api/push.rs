@@ -2,7 +2,7 @@
 //!
 //! Checked in this order, each with its own error code: body shape, app, timestamp window,
 //! signature, recipients, nonce (recorded last, once everything else is good, so nobody can
-//! burn an app's nonces without its secret).
+//! burn an app's nonces without its secret). `channels.rs` signs its requests the same way.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -18,8 +18,9 @@ use serde_json::value::RawValue;
 use super::ApiError;
 use crate::auth::nonce::NonceCheck;
 use crate::auth::signature::{self, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use crate::hub::App;
 use crate::hub::Hub;
-use crate::protocol::{delivery_status, looks_like_object, now_ms, valid_uid};
+use crate::protocol::{looks_like_object, now_ms, valid_uid};
 
 /// The longest nonce accepted.
 pub(super) const MAX_NONCE_LEN: usize = 128;
@@ -59,9 +60,12 @@ pub(super) struct RecipientResult {
     /// Connections of this user too slow to take it (being closed as slow consumers).
     #[serde(skip_serializing_if = "is_zero")]
     dropped: usize,
+    /// `"unavailable"` when other nodes could not be asked: the counts are this node's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<&'static str>,
 }
 
-fn is_zero(n: &usize) -> bool {
+pub(super) fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
@@ -78,24 +82,26 @@ fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-pub(super) async fn push(
-    State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<PushResponse>, ApiError> {
-    let body = body?;
-    if !looks_like_object(&body) {
-        return Err(ApiError::bad_request("invalid_body", "push body must be a JSON object"));
-    }
-    let req: PushBody<'_> =
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("invalid_body", format!("push body: {e}")))?;
+/// A signed request whose app, timestamp and signature checked out; its nonce is recorded
+/// by [`Signed::commit`] once everything else about the request is valid too.
+pub(super) struct Signed<'h> {
+    pub(super) app: &'h Arc<App>,
+    ts: u64,
+}
 
+/// Checks `app_key`, the timestamp window and the HMAC signature of a push-style request.
+pub(super) fn verify_signed<'h>(
+    hub: &'h Hub,
+    headers: &HeaderMap,
+    body: &[u8],
+    app_key: &str,
+    nonce: &str,
+) -> Result<Signed<'h>, ApiError> {
     let app = hub
-        .app(&req.app_key)
+        .app(app_key)
         .ok_or_else(|| ApiError::unauthorized("unknown_app", "app_key is not configured on this node"))?;
-
     let window = hub.config().push.timestamp_window.as_secs();
-    let ts_text = header(&headers, TIMESTAMP_HEADER).ok_or_else(|| {
+    let ts_text = header(headers, TIMESTAMP_HEADER).ok_or_else(|| {
         ApiError::unauthorized("timestamp_missing", format!("the {TIMESTAMP_HEADER} header is required"))
     })?;
     let ts: u64 = ts_text
@@ -109,23 +115,68 @@ pub(super) async fn push(
             format!("{TIMESTAMP_HEADER} is more than {window}s away from the node's clock (push.timestamp_window)"),
         ));
     }
-
     if ts < hub.started_secs() {
         return Err(ApiError::unauthorized(
             "timestamp_stale",
             "signed before this node started; nonces from before a restart are not remembered, so sign again",
         ));
     }
-
-    let sig = header(&headers, SIGNATURE_HEADER).ok_or_else(|| {
+    let sig = header(headers, SIGNATURE_HEADER).ok_or_else(|| {
         ApiError::unauthorized("signature_missing", format!("the {SIGNATURE_HEADER} header is required"))
     })?;
-    if !signature::verify(app.secret(), ts_text, &req.nonce, &body, sig) {
+    if !signature::verify(app.secret(), ts_text, nonce, body, sig) {
         return Err(ApiError::unauthorized(
             "signature_invalid",
             "signature does not match hex(HMAC-SHA256(secret, timestamp \\n nonce \\n body))",
         ));
     }
+    Ok(Signed { app, ts })
+}
+
+impl Signed<'_> {
+    /// Records the nonce: the last check, so that a refused request can be fixed and signed
+    /// again with the same nonce.
+    pub(super) fn commit(&self, hub: &Hub, nonce: &str) -> Result<(), ApiError> {
+        if nonce.is_empty() || nonce.len() > MAX_NONCE_LEN {
+            return Err(ApiError::bad_request("invalid_nonce", format!("nonce must be 1-{MAX_NONCE_LEN} bytes")));
+        }
+        let window = hub.config().push.timestamp_window.as_secs();
+        let now = now_ms() / 1000;
+        match self.app.nonces.lock().expect("nonce store lock").check_and_insert(nonce, now, self.ts + window) {
+            NonceCheck::Fresh => Ok(()),
+            NonceCheck::Replayed => {
+                Err(ApiError::new(StatusCode::CONFLICT, "nonce_replayed", "this nonce was already used"))
+            }
+            NonceCheck::Full => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "nonce_store_full",
+                "too many pushes within push.timestamp_window for push.nonce_capacity; retry shortly",
+            )),
+        }
+    }
+}
+
+/// A sender id given in a push body, checked.
+pub(super) fn sender<'a>(from: &'a Option<Cow<'a, str>>) -> Result<&'a str, ApiError> {
+    let from = from.as_deref().unwrap_or("");
+    if !from.is_empty() && !valid_uid(from) {
+        return Err(ApiError::bad_request("invalid_sender", "from must be 1-128 bytes without control characters"));
+    }
+    Ok(from)
+}
+
+pub(super) async fn push(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<PushResponse>, ApiError> {
+    let body = body?;
+    if !looks_like_object(&body) {
+        return Err(ApiError::bad_request("invalid_body", "push body must be a JSON object"));
+    }
+    let req: PushBody<'_> =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("invalid_body", format!("push body: {e}")))?;
+    let signed = verify_signed(&hub, &headers, &body, &req.app_key, &req.nonce)?;
 
     let mut recipients = match req.send_to {
         SendTo::One(uid) => vec![uid],
@@ -146,42 +197,23 @@ pub(super) async fn push(
     }
     let mut seen = std::collections::HashSet::new();
     recipients.retain(|u| seen.insert(u.clone()));
-    let from = req.from.as_deref().unwrap_or("");
-    if !from.is_empty() && !valid_uid(from) {
-        return Err(ApiError::bad_request("invalid_sender", "from must be 1-128 bytes without control characters"));
-    }
+    let from = sender(&req.from)?;
+    signed.commit(&hub, &req.nonce)?;
 
-    if req.nonce.is_empty() || req.nonce.len() > MAX_NONCE_LEN {
-        return Err(ApiError::bad_request("invalid_nonce", format!("nonce must be 1-{MAX_NONCE_LEN} bytes")));
-    }
-    let check = app.nonces.lock().expect("nonce store lock").check_and_insert(&req.nonce, now, ts + window);
-    match check {
-        NonceCheck::Fresh => {}
-        NonceCheck::Replayed => {
-            return Err(ApiError::new(StatusCode::CONFLICT, "nonce_replayed", "this nonce was already used"));
-        }
-        NonceCheck::Full => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "nonce_store_full",
-                "too many pushes within push.timestamp_window for push.nonce_capacity; retry shortly",
-            ));
-        }
-    }
-
-    let (msg_id, send_at, results) = hub.push(app, from, &recipients, req.message).await;
-    let delivered = results.iter().map(|r| r.connections).sum();
+    let (msg_id, send_at, results) = hub.push(signed.app, from, &recipients, req.message).await;
+    let delivered = results.iter().map(|r| r.outcome.delivered.sessions).sum();
     let results = results
         .into_iter()
         .map(|r| RecipientResult {
             status: match &r.refused {
                 Some(refused) => refused.code.as_str(),
-                None => delivery_status(r.connections, r.dropped),
+                None => r.outcome.status(),
             },
             reason: r.refused.map(|refused| refused.message),
             uid: r.uid,
-            connections: r.connections,
-            dropped: r.dropped,
+            connections: r.outcome.delivered.sessions,
+            dropped: r.outcome.delivered.dropped,
+            cluster: r.outcome.cluster_unavailable.then_some("unavailable"),
         })
         .collect();
     Ok(Json(PushResponse { msg_id, send_at, delivered, results }))

@@ -15,6 +15,10 @@ pub(super) struct NodeView {
     id: String,
     #[serde(flatten)]
     addrs: Addrs,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    region: Option<String>,
+    connections: u64,
+    draining: bool,
 }
 
 #[derive(Serialize)]
@@ -22,6 +26,9 @@ pub(super) struct Version {
     version: &'static str,
     node_id: String,
     nodes: Vec<NodeView>,
+    /// `"connected"` or `"disconnected"` when clustered over NATS; absent on a single node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats: Option<&'static str>,
     warnings: Vec<String>,
 }
 
@@ -30,7 +37,18 @@ pub(super) async fn version(State(hub): State<Arc<Hub>>) -> Json<Version> {
     Json(Version {
         version: env!("CARGO_PKG_VERSION"),
         node_id: node.id.clone(),
-        nodes: vec![NodeView { id: node.id.clone(), addrs: node.external.clone() }],
+        nodes: hub
+            .route_nodes()
+            .into_iter()
+            .map(|n| NodeView {
+                id: n.id,
+                addrs: n.external,
+                region: n.region,
+                connections: n.connections,
+                draining: n.draining,
+            })
+            .collect(),
+        nats: hub.cluster().map(|c| if c.is_connected() { "connected" } else { "disconnected" }),
         warnings: node.warnings.clone(),
     })
 }
@@ -44,7 +62,9 @@ pub(super) struct Health {
 /// 200 while serving; 503 once shutdown has begun, so a load balancer stops sending clients.
 pub(super) async fn healthz(State(hub): State<Arc<Hub>>) -> (StatusCode, Json<Health>) {
     let connections = hub.connections();
-    if hub.is_shutting_down() {
+    if hub.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "draining", connections }))
+    } else if hub.is_shutting_down() {
         (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "shutting_down", connections }))
     } else {
         (StatusCode::OK, Json(Health { status: "ok", connections }))

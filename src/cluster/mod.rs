@@ -3,9 +3,12 @@
 //! Owns the node id (configured, or generated once and kept in `data_dir`) and the
 //! advertised external and intranet addresses of each listener, with the warnings an
 //! operator needs when those addresses cannot work. The NATS-backed node registry of a
-//! cluster builds on this; a single node needs nothing else.
+//! cluster builds on this (`membership`: the node registry in JetStream KV; `nats`: interest
+//! subjects, the envelope and delivery counts). A single node needs nothing else.
 
 mod advertise;
+pub mod membership;
+pub mod nats;
 
 pub use advertise::{Addrs, Bound, advertise};
 

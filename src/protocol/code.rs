@@ -35,6 +35,10 @@ pub enum ErrorCode {
     SlowConsumer,
     IdleTimeout,
     ServerShutdown,
+    NodeDraining,
+    InvalidChannel,
+    TooManyChannels,
+    PublishForbidden,
     Internal,
 }
 
@@ -71,6 +75,10 @@ impl ErrorCode {
             SlowConsumer => "slow_consumer",
             IdleTimeout => "idle_timeout",
             ServerShutdown => "server_shutdown",
+            NodeDraining => "node_draining",
+            InvalidChannel => "invalid_channel",
+            TooManyChannels => "too_many_channels",
+            PublishForbidden => "publish_forbidden",
             Internal => "internal",
         }
     }
@@ -87,10 +95,10 @@ impl ErrorCode {
             TooManyConnections | TooManyDevices | AuthUnavailable => 1013,
             SlowConsumer => 4008,
             IdleTimeout => 4010,
-            ServerShutdown => 1001,
+            ServerShutdown | NodeDraining => 1001,
             Internal => 1011,
             InvalidJson | InvalidFrame | UnknownType | BinaryUnsupported | InvalidRecipient | RateLimited
-            | AlreadyConnected | Denied | FilterFailed => 1008,
+            | AlreadyConnected | Denied | FilterFailed | InvalidChannel | TooManyChannels | PublishForbidden => 1008,
         }
     }
 

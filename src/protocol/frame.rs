@@ -7,15 +7,26 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::{ErrorCode, MAX_CLIENT_ID_LEN, valid_uid};
+use super::{ErrorCode, MAX_CLIENT_ID_LEN, valid_channel, valid_uid};
 
 /// A frame received from a client, borrowing from the received bytes.
 #[derive(Debug)]
 pub enum ClientFrame<'a> {
     Connect(ConnectFrame<'a>),
     Send(SendFrame<'a>),
+    Subscribe(ChannelFrame<'a>),
+    Unsubscribe(ChannelFrame<'a>),
+    Publish(ChannelFrame<'a>),
     Ping,
     Pong,
+}
+
+/// `subscribe`, `unsubscribe` and `publish` (which also carries `data`).
+#[derive(Debug)]
+pub struct ChannelFrame<'a> {
+    pub channel: Cow<'a, str>,
+    pub data: Option<&'a RawValue>,
+    pub client_id: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug)]
@@ -56,6 +67,8 @@ struct Wire<'a> {
     app_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     token: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
 }
 
 /// Whether `bytes` starts (after whitespace) like a JSON object. serde reads a struct from
@@ -123,6 +136,27 @@ pub fn decode_client_frame(bytes: &[u8]) -> Result<ClientFrame<'_>, DecodeError>
             (None, _) => Err(fail(ErrorCode::UnknownApp, "connect frame needs \"app_id\"", &wire.client_id)),
             (_, None) => Err(fail(ErrorCode::TokenMissing, "connect frame needs \"token\"", &wire.client_id)),
         },
+        "subscribe" | "unsubscribe" | "publish" => {
+            let Some(channel) = wire.channel else {
+                return Err(fail(ErrorCode::InvalidFrame, &format!("{ty} frame needs \"channel\""), &wire.client_id));
+            };
+            if !valid_channel(&channel) {
+                return Err(fail(
+                    ErrorCode::InvalidChannel,
+                    "a channel name is 1-64 characters of A-Z a-z 0-9 _ - :",
+                    &wire.client_id,
+                ));
+            }
+            if ty == "publish" && wire.data.is_none() {
+                return Err(fail(ErrorCode::InvalidFrame, "publish frame needs \"data\"", &wire.client_id));
+            }
+            let frame = ChannelFrame { channel, data: wire.data, client_id: wire.client_id };
+            Ok(match ty {
+                "subscribe" => ClientFrame::Subscribe(frame),
+                "unsubscribe" => ClientFrame::Unsubscribe(frame),
+                _ => ClientFrame::Publish(frame),
+            })
+        }
         "ping" => Ok(ClientFrame::Ping),
         "pong" => Ok(ClientFrame::Pong),
         other => {
@@ -154,6 +188,20 @@ pub enum ServerFrame<'a> {
         delivered: usize,
         #[serde(skip_serializing_if = "is_zero")]
         dropped: usize,
+        /// `"unavailable"` when other nodes could not be reached: `delivered` counts this
+        /// node only.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cluster: Option<&'static str>,
+    },
+    Subscribed {
+        channel: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_id: Option<&'a str>,
+    },
+    Unsubscribed {
+        channel: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_id: Option<&'a str>,
     },
     Error {
         code: ErrorCode,
@@ -199,6 +247,9 @@ impl ServerFrame<'_> {
 pub struct Envelope<'a> {
     pub from: &'a str,
     pub to: &'a str,
+    /// The channel, for a channel message (`to` is the channel too).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<&'a str>,
     pub event: u16,
     pub data: &'a RawValue,
     pub msg_id: &'a str,
@@ -250,6 +301,15 @@ impl Frame {
 
     pub const fn from_static(s: &'static str) -> Self {
         Self(Utf8Bytes::from_static(s))
+    }
+}
+
+impl TryFrom<Bytes> for Frame {
+    type Error = std::str::Utf8Error;
+
+    /// A frame received from another node: checked once to be UTF-8.
+    fn try_from(bytes: Bytes) -> Result<Self, Self::Error> {
+        Utf8Bytes::try_from(bytes).map(Self)
     }
 }
 
@@ -306,6 +366,7 @@ mod tests {
         let bytes = encode_message(&Envelope {
             from: "alice",
             to: "bob",
+            channel: None,
             event: 1,
             data: &data,
             msg_id: "m1",

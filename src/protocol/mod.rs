@@ -10,8 +10,8 @@ mod ids;
 
 pub use code::ErrorCode;
 pub use frame::{
-    ClientFrame, ConnectFrame, Envelope, Frame, SendFrame, ServerFrame, decode_client_frame, encode_message,
-    looks_like_object,
+    ChannelFrame, ClientFrame, ConnectFrame, Envelope, Frame, SendFrame, ServerFrame, decode_client_frame,
+    encode_message, looks_like_object,
 };
 pub use ids::{MsgIdGen, conversation_id, now_ms};
 
@@ -23,6 +23,19 @@ pub const MAX_CLIENT_ID_LEN: usize = 64;
 
 /// Event number of a direct message between two users.
 pub const EVENT_DIRECT: u16 = 1;
+
+/// Event number of a message to a channel.
+pub const EVENT_CHANNEL: u16 = 2;
+
+/// The longest channel name, in bytes.
+pub const MAX_CHANNEL_LEN: usize = 64;
+
+/// Whether `name` is a channel name: 1 to 64 characters of `A-Z a-z 0-9 _ - :`.
+pub fn valid_channel(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_CHANNEL_LEN
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b':')
+}
 
 /// The `status` of an `ack` or a push result: `delivered` when at least one connection took
 /// the message, `dropped` when the recipient is online but every connection was too slow to

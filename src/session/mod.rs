@@ -18,8 +18,8 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{Instrument, debug, info_span};
 
-use crate::hub::{App, ConnGuard, Hub, Identity};
-use crate::protocol::{ClientFrame, ErrorCode, Frame, ServerFrame, decode_client_frame, delivery_status};
+use crate::hub::{App, ConnGuard, Hub, Identity, Outcome, Sent};
+use crate::protocol::{ClientFrame, ErrorCode, Frame, ServerFrame, decode_client_frame};
 use crate::registry::{SessionControl, SessionHandle};
 use crate::transport::{FrameIo, Inbound, Outbound, ReadError, Transport};
 
@@ -117,8 +117,12 @@ pub async fn start<T: FrameIo>(io: T, hub: Arc<Hub>, request: ConnectRequest, gu
     let (tx, rx) = mpsc::channel(hub.config().limits.outbound_queue);
     let control = Arc::new(SessionControl::default());
     let handle = SessionHandle { conn_id, tx, control: control.clone() };
-    if let Err(code) = app.registry.register(&uid, handle, hub.config().limits.max_connections_per_user) {
+    if let Err(code) = hub.register(&app, &uid, handle.clone()).await {
         return reject(io, code, describe(code)).await;
+    }
+    if hub.is_draining() {
+        // A client that reaches a node on its way out is moved on at once.
+        control.kick(ErrorCode::NodeDraining);
     }
     let span =
         info_span!("conn", app = %app.id, %uid, transport = %request.transport, remote = %request.remote, conn_id);
@@ -132,6 +136,8 @@ pub async fn start<T: FrameIo>(io: T, hub: Arc<Hub>, request: ConnectRequest, gu
         conn_id,
         rx,
         control,
+        handle,
+        channels: Vec::new(),
         last_seen: Instant::now(),
     };
     async move {
@@ -139,7 +145,10 @@ pub async fn start<T: FrameIo>(io: T, hub: Arc<Hub>, request: ConnectRequest, gu
         let mut session = session;
         let exit = session.serve().await;
         // Unregister first: from here on nobody should count this connection as a recipient.
-        app.registry.unregister(&session.uid, conn_id);
+        hub.unregister(&app, &session.uid, conn_id);
+        for channel in std::mem::take(&mut session.channels) {
+            hub.leave_channel(&app, &channel, conn_id);
+        }
         debug!(reason = %exit, "disconnected");
         session.goodbye(exit).await;
         drop(guard);
@@ -158,6 +167,11 @@ struct Session<T> {
     conn_id: u64,
     rx: mpsc::Receiver<Frame>,
     control: Arc<SessionControl>,
+    /// This session's own queue entry: channel subscriptions, and acks that wait for other
+    /// nodes' answers, go through it.
+    handle: SessionHandle,
+    /// Channels this connection subscribed to.
+    channels: Vec<String>,
     bucket: TokenBucket,
     /// When the client last sent anything; drives the idle timeout.
     last_seen: Instant,
@@ -172,6 +186,8 @@ enum Exit {
     Fatal(ErrorCode, String),
     /// The node is shutting down.
     Shutdown,
+    /// The node is draining: the client is moved to another node.
+    Moved,
 }
 
 impl std::fmt::Display for Exit {
@@ -180,6 +196,7 @@ impl std::fmt::Display for Exit {
             Exit::Gone => f.write_str("client closed"),
             Exit::Fatal(code, msg) => write!(f, "{code}: {msg}"),
             Exit::Shutdown => f.write_str("server shutdown"),
+            Exit::Moved => f.write_str("moved to another node"),
         }
     }
 }
@@ -201,7 +218,9 @@ impl<T: FrameIo> Session<T> {
                 let _ = timeout(CLOSE_TIMEOUT, self.io.close()).await;
             }
             Exit::Fatal(code, message) => reject(self.io, *code, message).await,
-            Exit::Shutdown => {
+            Exit::Shutdown | Exit::Moved => {
+                let code =
+                    if matches!(exit, Exit::Moved) { ErrorCode::NodeDraining } else { ErrorCode::ServerShutdown };
                 // What was queued before the shutdown was acknowledged to its senders as
                 // delivered: write it out first (bounded like every goodbye).
                 let rx = &mut self.rx;
@@ -215,17 +234,24 @@ impl<T: FrameIo> Session<T> {
                     io.flush().await
                 })
                 .await;
+                // A drain already spreads the moves over its window; a plain shutdown asks
+                // clients to spread their reconnects themselves.
                 let spread = self.hub.config().shutdown.reconnect_jitter.as_millis() as u64;
-                let delay_ms = if spread == 0 { 0 } else { rand::thread_rng().gen_range(0..spread) };
+                let delay_ms = if spread == 0 || code == ErrorCode::NodeDraining {
+                    0
+                } else {
+                    rand::thread_rng().gen_range(0..spread)
+                };
+                let home = self.hub.new_home(&self.uid).unwrap_or_default();
                 let frame = ServerFrame::Reconnect {
-                    reason: ErrorCode::ServerShutdown.as_str(),
-                    tcp_addr: "",
-                    ws_addr: "",
-                    wss_addr: "",
+                    reason: code.as_str(),
+                    tcp_addr: &home.tcp_addr,
+                    ws_addr: &home.ws_addr,
+                    wss_addr: &home.wss_addr,
                     delay_ms,
                 };
                 let _ = timeout(CLOSE_TIMEOUT, self.io.feed(Outbound::Frame(frame.encode()))).await;
-                reject(self.io, ErrorCode::ServerShutdown, describe(ErrorCode::ServerShutdown)).await;
+                reject(self.io, code, describe(code)).await;
             }
         }
     }
@@ -266,6 +292,7 @@ impl<T: FrameIo> Session<T> {
                 }
             };
             let step = match event {
+                Event::Kicked(ErrorCode::NodeDraining) => Err(Exit::Moved),
                 Event::Kicked(code) => Err(Exit::Fatal(code, describe(code).into())),
                 Event::Shutdown => Err(Exit::Shutdown),
                 Event::Outbound(frame) => self.write_batch(frame).await,
@@ -298,6 +325,10 @@ impl<T: FrameIo> Session<T> {
         use futures_util::FutureExt as _;
         self.on_inbound(first).await?;
         for _ in 1..MAX_BATCH {
+            // Being kicked or shut down is answered before more queued input.
+            if self.control.reason().is_some() || self.hub.is_shutting_down() {
+                break;
+            }
             match self.io.next().now_or_never() {
                 Some(item) => self.on_inbound(item).await?,
                 None => break,
@@ -342,25 +373,70 @@ impl<T: FrameIo> Session<T> {
                     let msg = "over limits.messages_per_second; the frame was dropped";
                     return self.error(ErrorCode::RateLimited, msg, client_id).await;
                 }
-                let sent = match self.hub.send_direct(&self.app, &self.uid, &self.metadata, &send.to, send.data).await {
-                    Ok(sent) => sent,
-                    Err(refused) => return self.error(refused.code, &refused.message, client_id).await,
-                };
-                let ack = ServerFrame::Ack {
-                    client_id,
-                    msg_id: &sent.msg_id,
-                    status: delivery_status(sent.delivered, sent.dropped),
-                    delivered: sent.delivered,
-                    dropped: sent.dropped,
-                };
-                self.write(ack.encode()).await
+                match self.hub.send_direct(&self.app, &self.uid, &self.metadata, &send.to, send.data).await {
+                    Ok(sent) => self.ack(client_id, sent).await,
+                    Err(refused) => self.error(refused.code, &refused.message, client_id).await,
+                }
             }
             ClientFrame::Ping => self.write(ServerFrame::Pong.encode()).await,
             ClientFrame::Pong => Ok(()),
+            ClientFrame::Subscribe(c) => {
+                let client_id = c.client_id.as_deref();
+                if !self.channels.iter().any(|joined| *joined == c.channel) {
+                    if self.channels.len() >= self.hub.config().limits.max_channels_per_connection {
+                        let msg = "this connection is at limits.max_channels_per_connection";
+                        return self.error(ErrorCode::TooManyChannels, msg, client_id).await;
+                    }
+                    self.hub.join_channel(&self.app, &c.channel, self.handle.clone()).await;
+                    self.channels.push(c.channel.to_string());
+                }
+                self.write(ServerFrame::Subscribed { channel: &c.channel, client_id }.encode()).await
+            }
+            ClientFrame::Unsubscribe(c) => {
+                if let Some(i) = self.channels.iter().position(|joined| *joined == c.channel) {
+                    self.channels.swap_remove(i);
+                    self.hub.leave_channel(&self.app, &c.channel, self.conn_id);
+                }
+                let client_id = c.client_id.as_deref();
+                self.write(ServerFrame::Unsubscribed { channel: &c.channel, client_id }.encode()).await
+            }
+            ClientFrame::Publish(c) => {
+                let client_id = c.client_id.as_deref();
+                if !self.hub.config().apps[&self.app.id].client_publish {
+                    let msg = "this app lets only its server publish to channels ([apps.<id>] client_publish)";
+                    return self.error(ErrorCode::PublishForbidden, msg, client_id).await;
+                }
+                if !self.bucket.try_take(Instant::now()) {
+                    let msg = "over limits.messages_per_second; the frame was dropped";
+                    return self.error(ErrorCode::RateLimited, msg, client_id).await;
+                }
+                let data = c.data.expect("decode requires data on publish");
+                let max = self.hub.config().limits.max_frame_bytes;
+                match self.hub.publish_channel(&self.app, &self.uid, &self.metadata, &c.channel, data, max).await {
+                    Ok(sent) => self.ack(client_id, sent).await,
+                    Err(refused) => self.error(refused.code, &refused.message, client_id).await,
+                }
+            }
             ClientFrame::Connect(_) => {
                 self.error(ErrorCode::AlreadyConnected, "this connection is already authenticated", None).await
             }
         }
+    }
+
+    /// Acknowledges a send. When other nodes still have to answer, the ack follows later
+    /// through this session's queue, so the connection goes on reading meanwhile.
+    async fn ack(&mut self, client_id: Option<&str>, sent: Sent) -> Result<(), Exit> {
+        if sent.delivery.is_settled() {
+            let outcome = sent.delivery.finish().await;
+            return self.write(ack_frame(client_id, &sent.msg_id, &outcome)).await;
+        }
+        let (handle, client_id) = (self.handle.clone(), client_id.map(str::to_string));
+        let max_bytes = self.app.registry.max_queued_bytes();
+        tokio::spawn(async move {
+            let outcome = sent.delivery.finish().await;
+            let _ = handle.offer(&ack_frame(client_id.as_deref(), &sent.msg_id, &outcome), max_bytes);
+        });
+        Ok(())
     }
 
     async fn error(&mut self, code: ErrorCode, message: &str, client_id: Option<&str>) -> Result<(), Exit> {
@@ -409,6 +485,18 @@ impl<T: FrameIo> Session<T> {
         };
         guarded(&control, limit, write).await
     }
+}
+
+fn ack_frame(client_id: Option<&str>, msg_id: &str, outcome: &Outcome) -> Frame {
+    ServerFrame::Ack {
+        client_id,
+        msg_id,
+        status: outcome.status(),
+        delivered: outcome.delivered.sessions,
+        dropped: outcome.delivered.dropped,
+        cluster: outcome.cluster_unavailable.then_some("unavailable"),
+    }
+    .encode()
 }
 
 /// Runs a write within `limit`, abandoning it at once if the session is kicked meanwhile
