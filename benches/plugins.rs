@@ -75,7 +75,7 @@ fn send_direct(c: &mut Criterion) {
                     let start = Instant::now();
                     for _ in 0..iters {
                         let sent = hub.send_direct(&app, "alice", &[], "bob", &data).await.unwrap();
-                        assert_eq!(sent.delivered, 1);
+                        assert_eq!(sent.delivery.local.sessions, 1);
                         let frame = rx.try_recv().unwrap();
                         handle.control.dequeued(&frame);
                     }
