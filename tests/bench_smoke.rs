@@ -48,5 +48,20 @@ fn every_scenario_runs_in_smoke_mode() {
     let push = &r["push"][0];
     assert!(push["pushes"].as_u64().unwrap() > 0 && push["failed"].as_u64() == Some(0), "{push}");
     assert!(push["push_to_receive_p50_us"].as_f64().unwrap() > 0.0, "{push}");
+    assert_eq!(systems("fanout"), expected);
+    for f in r["fanout"].as_array().unwrap() {
+        // Every message reached every subscriber.
+        assert!(f["messages"].as_u64().unwrap() > 0 && f["complete"] == f["messages"], "{f}");
+        assert_eq!(
+            f["deliveries"].as_u64(),
+            Some(f["messages"].as_u64().unwrap() * f["subscribers"].as_u64().unwrap())
+        );
+    }
+    let cluster: Vec<&str> = r["cluster"].as_array().unwrap().iter().map(|d| d["label"].as_str().unwrap()).collect();
+    assert_eq!(cluster, ["cross-node", "same-node"]);
+    for d in r["cluster"].as_array().unwrap() {
+        assert!(d["delivered"].as_u64().unwrap() > 0 && d["refused"].as_u64() == Some(0), "{d}");
+    }
+    assert!(r["cluster_idle_node_cpu_ms"].as_f64().is_some());
     assert!(stdout.contains("ratios"), "{stdout}");
 }

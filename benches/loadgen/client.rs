@@ -37,6 +37,25 @@ pub fn payload(size: usize) -> Vec<u8> {
     v
 }
 
+/// A payload carrying a sequence number as well: `{"t":<ns>,"s":<seq>,"p":"xxx…"}`.
+pub fn payload_seq(size: usize, seq: u64) -> Vec<u8> {
+    let head = format!("{{\"t\":{},\"s\":{seq},\"p\":\"", now_ns());
+    let pad = size.saturating_sub(head.len() + 2);
+    let mut v = Vec::with_capacity(head.len() + pad + 2);
+    v.extend_from_slice(head.as_bytes());
+    v.resize(v.len() + pad, b'x');
+    v.extend_from_slice(b"\"}");
+    v
+}
+
+/// The sequence number inside a frame carrying a [`payload_seq`].
+pub fn seq_of(frame: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b",\"s\":";
+    let at = frame.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits = frame[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&frame[at..at + digits]).ok()?.parse().ok()
+}
+
 /// The send timestamp inside whatever frame carried a payload: found, not parsed, so that
 /// reading it costs the same for every system.
 pub fn sent_at(frame: &[u8]) -> Option<u64> {
@@ -177,7 +196,67 @@ pub async fn connect(
     }
 }
 
+/// Connects as `id` and subscribes to channel `channel` (switchboard channel, NATS subject
+/// `c.{channel}`, MQTT topic `c/{channel}`).
+pub async fn connect_channel(
+    endpoint: &Endpoint,
+    id: &str,
+    channel: &str,
+    source: Option<IpAddr>,
+) -> anyhow::Result<(Writer, Reader)> {
+    let (mut writer, mut reader) = connect(endpoint, id, false, source).await?;
+    match endpoint.system {
+        System::Switchboard => {
+            let frame = format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#);
+            writer.sink.send(Message::Text(Utf8Bytes::from(frame))).await?;
+            loop {
+                let f = reader.next_raw().await?.ok_or_else(|| anyhow!("closed before subscribed"))?;
+                if f.starts_with(br#"{"type":"subscribed""#) {
+                    break;
+                }
+                if f.starts_with(br#"{"type":"error""#) {
+                    bail!("subscribe refused: {}", String::from_utf8_lossy(&f));
+                }
+            }
+        }
+        System::Nats => {
+            writer.sink.send(Message::Binary(Bytes::from(format!("SUB c.{channel} 2\r\nPING\r\n")))).await?;
+            reader.nats_until_pong().await?;
+        }
+        System::Mosquitto => {
+            writer.sink.send(Message::Binary(mqtt_subscribe(&format!("c/{channel}")))).await?;
+            reader.mqtt_expect(0x90).await.context("SUBACK")?;
+        }
+    }
+    Ok((writer, reader))
+}
+
 impl Writer {
+    /// Queues `payload` for every subscriber of `channel`.
+    pub async fn feed_channel(&mut self, channel: &str, payload: &[u8]) -> anyhow::Result<()> {
+        let msg = match self.system {
+            System::Switchboard => {
+                let mut frame = String::with_capacity(payload.len() + 48);
+                frame.push_str(r#"{"type":"publish","channel":""#);
+                frame.push_str(channel);
+                frame.push_str(r#"","data":"#);
+                frame.push_str(std::str::from_utf8(payload)?);
+                frame.push('}');
+                Message::Text(Utf8Bytes::from(frame))
+            }
+            System::Nats => {
+                let mut frame = BytesMut::with_capacity(payload.len() + 32);
+                frame.put_slice(format!("PUB c.{channel} {}\r\n", payload.len()).as_bytes());
+                frame.put_slice(payload);
+                frame.put_slice(b"\r\n");
+                Message::Binary(frame.freeze())
+            }
+            System::Mosquitto => Message::Binary(mqtt_publish(&format!("c/{channel}"), payload)),
+        };
+        self.sink.feed(msg).await?;
+        Ok(())
+    }
+
     /// Sends `payload` to the user (switchboard) or topic (peers) `to`. `feed`s only:
     /// call [`flush`](Self::flush) to put it on the wire, so bursts can be batched.
     pub async fn feed(&mut self, to: &str, payload: &[u8]) -> anyhow::Result<()> {

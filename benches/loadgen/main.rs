@@ -24,7 +24,7 @@ use clap::{Parser, ValueEnum};
 use serde::Serialize;
 
 use client::{Endpoint, System};
-use scenarios::{ConnectionsResult, DirectOpts, DirectResult, PushResult};
+use scenarios::{ConnectionsResult, DirectOpts, DirectResult, FanoutResult, PushResult};
 use target::SwitchboardSetup;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
@@ -32,7 +32,9 @@ enum Scenario {
     Connections,
     Direct,
     Push,
+    Fanout,
     Plugins,
+    Cluster,
     All,
 }
 
@@ -71,6 +73,9 @@ struct Args {
     /// Payload bytes per message.
     #[arg(long, default_value_t = 128)]
     payload: usize,
+    /// Subscribers of the one channel in `fanout`.
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
     /// Rounds of the `plugins` comparison (the median round is reported).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -81,6 +86,10 @@ struct Report {
     connections: Vec<ConnectionsResult>,
     direct: Vec<DirectResult>,
     push: Vec<PushResult>,
+    fanout: Vec<FanoutResult>,
+    cluster: Vec<DirectResult>,
+    /// CPU milliseconds a node with no users used while the others exchanged messages.
+    cluster_idle_node_cpu_ms: Option<f64>,
     plugins_direct: Vec<DirectResult>,
     plugins_connect: Vec<ConnectionsResult>,
     /// switchboard / peer, per scenario and figure.
@@ -185,8 +194,27 @@ async fn main() -> anyhow::Result<()> {
         report.push.push(scenarios::push(&server, receivers, concurrency, warmup, duration, args.payload).await?);
     }
 
+    if run(Scenario::Fanout) {
+        let (subscribers, max_messages) = if args.smoke { (20, 50) } else { (args.subscribers, 1_000_000) };
+        for &system in &systems {
+            let server = match system {
+                System::Switchboard => target::start_switchboard(&SwitchboardSetup {
+                    app_keys: "client_publish = true".into(),
+                    ..SwitchboardSetup::default()
+                })?,
+                other => target::start(other)?,
+            };
+            progress(&format!("fanout: 1 publisher to {subscribers} subscribers, {}", system.name()));
+            report.fanout.push(scenarios::fanout(&server, subscribers, 4, max_messages, duration, args.payload).await?);
+        }
+    }
+
     if run(Scenario::Plugins) {
         plugins(&args, warmup, duration, &mut report).await?;
+    }
+
+    if run(Scenario::Cluster) {
+        cluster(&args, warmup, duration, &mut report).await?;
     }
 
     ratios(&mut report);
@@ -225,7 +253,7 @@ async fn plugins(args: &Args, warmup: Duration, duration: Duration, report: &mut
     for (id, keys) in apps {
         extra += &format!("[apps.{id}]\nsecret = \"bench-secret-{id}-0123456789\"\n{keys}\n");
     }
-    let setup = SwitchboardSetup { extra_toml: extra, app_keys: String::new() };
+    let setup = SwitchboardSetup { extra_toml: extra, ..SwitchboardSetup::default() };
     let endpoint_for = |server: &target::Server, app: &str| -> Endpoint {
         let mut e = server.endpoint.clone();
         if app != target::APP {
@@ -270,6 +298,41 @@ async fn plugins(args: &Args, warmup: Duration, duration: Duration, report: &mut
     Ok(())
 }
 
+/// Three nodes over one NATS: `direct` with senders on one node and receivers on another,
+/// against both on the same node; and what the third node, which holds nobody, spends.
+async fn cluster(args: &Args, warmup: Duration, duration: Duration, report: &mut Report) -> anyhow::Result<()> {
+    let pairs = if args.smoke { 4 } else { args.pairs };
+    let opts = DirectOpts { pairs, warmup, duration, payload: args.payload, window: 64, rate: None };
+    for cross in [true, false] {
+        let nats = target::start_nats_jetstream()?;
+        let url = format!("nats://{}", nats.nats_client.expect("nats client port"));
+        let nodes: Vec<target::Server> = ["a", "b", "c"]
+            .iter()
+            .map(|id| {
+                target::start_switchboard(&SwitchboardSetup {
+                    node_id: Some((*id).into()),
+                    extra_toml: format!("[cluster]\nurls = [\"{url}\"]\nheartbeat = \"1s\"\nttl = \"5s\"\n"),
+                    ..SwitchboardSetup::default()
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+        let label = if cross { "cross-node" } else { "same-node" };
+        progress(&format!("cluster: direct, {pairs} pairs, {label}"));
+        let idle0 = c.cpu_seconds();
+        let r = if cross {
+            scenarios::direct_between(&[a, b], &b.endpoint, &a.endpoint, label, &opts).await?
+        } else {
+            scenarios::direct_between(&[a], &a.endpoint, &a.endpoint, label, &opts).await?
+        };
+        if cross {
+            report.cluster_idle_node_cpu_ms = Some((c.cpu_seconds() - idle0) * 1000.0);
+        }
+        report.cluster.push(r);
+    }
+    Ok(())
+}
+
 fn ratios(report: &mut Report) {
     let mut out = Vec::new();
     let find_direct = |system: &str| report.direct.iter().find(|r| r.system == system && r.label == "max");
@@ -294,6 +357,26 @@ fn ratios(report: &mut Report) {
                 out.push(Ratio {
                     what: format!("RSS per connection switchboard/{peer}"),
                     ratio: sb.rss_per_connection_kib / p.rss_per_connection_kib.max(f64::MIN_POSITIVE),
+                });
+            }
+        }
+    }
+    if let (Some(cross), Some(same)) = (
+        report.cluster.iter().find(|r| r.label == "cross-node"),
+        report.cluster.iter().find(|r| r.label == "same-node"),
+    ) {
+        out.push(Ratio {
+            what: "cluster direct msg/s cross-node / same-node".into(),
+            ratio: cross.msgs_per_sec / same.msgs_per_sec,
+        });
+    }
+    let find_fanout = |system: &str| report.fanout.iter().find(|r| r.system == system);
+    if let Some(sb) = find_fanout("switchboard") {
+        for peer in ["nats-server", "mosquitto"] {
+            if let Some(p) = find_fanout(peer) {
+                out.push(Ratio {
+                    what: format!("fanout deliveries/s switchboard/{peer}"),
+                    ratio: sb.deliveries_per_sec / p.deliveries_per_sec,
                 });
             }
         }
@@ -352,6 +435,37 @@ fn print_tables(r: &Report) {
                 d.server_cpu_ms_per_1k,
                 d.refused
             );
+        }
+    }
+    if !r.fanout.is_empty() {
+        println!("\nfanout (one publisher, one channel; latency until the last subscriber has it)");
+        println!(
+            "{:<12} {:>6} {:>9} {:>9} {:>13} {:>10} {:>10}",
+            "system", "subs", "messages", "complete", "deliveries/s", "p50 µs", "p99 µs"
+        );
+        for f in &r.fanout {
+            println!(
+                "{:<12} {:>6} {:>9} {:>9} {:>13.0} {:>10.0} {:>10.0}",
+                f.system,
+                f.subscribers,
+                f.messages,
+                f.complete,
+                f.deliveries_per_sec,
+                f.last_receive_p50_us,
+                f.last_receive_p99_us
+            );
+        }
+    }
+    if !r.cluster.is_empty() {
+        println!("\ncluster (3 nodes over NATS)");
+        for d in &r.cluster {
+            println!(
+                "{:<12} {:>6} pairs {:>10.0} msg/s  p50 {:>7.0} µs  p99 {:>7.0} µs  cpu {:>6.2} ms/1k  refused {}",
+                d.label, d.pairs, d.msgs_per_sec, d.p50_us, d.p99_us, d.server_cpu_ms_per_1k, d.refused
+            );
+        }
+        if let Some(idle) = r.cluster_idle_node_cpu_ms {
+            println!("a third node, holding nobody, used {idle:.0} ms of CPU during the cross-node run");
         }
     }
     for p in &r.push {

