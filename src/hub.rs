@@ -22,6 +22,7 @@ use crate::cluster::membership::NodeRecord;
 use crate::cluster::nats::{Cluster, Pending, Remote, Target};
 use crate::cluster::{Addrs, NodeInfo};
 use crate::config::{AuthMode, Config, FailurePolicy};
+use crate::metrics::{AppMetrics, ClusterScrape, Metrics, PluginScrape, Scrape};
 use crate::plugin::{AuthOutcome, AuthRequest, FilterMessage, PluginError, PluginSet, RouteNode, RouteUser, Verdict};
 use crate::protocol::{
     EVENT_CHANNEL, EVENT_DIRECT, Envelope, ErrorCode, Frame, MsgIdGen, conversation_id, encode_message, now_ms,
@@ -38,6 +39,7 @@ pub struct App {
     jwt: JwtVerifier,
     pub registry: Registry,
     pub nonces: Mutex<NonceStore>,
+    pub metrics: AppMetrics,
 }
 
 impl App {
@@ -156,7 +158,7 @@ pub struct Recipient {
 }
 
 /// A set of users and the node they should connect to.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct RouteGroup {
     pub uids: Vec<String>,
     #[serde(flatten)]
@@ -183,6 +185,7 @@ pub struct Hub {
     cluster: OnceLock<Arc<Cluster>>,
     /// Leaving: out of routing, clients being moved.
     draining: AtomicBool,
+    metrics: Metrics,
 }
 
 /// Holds one slot of `limits.max_connections` while a connection lives.
@@ -199,6 +202,7 @@ impl Drop for ConnGuard {
 
 impl Hub {
     pub fn new(config: Config, node: NodeInfo, plugins: PluginSet) -> Arc<Self> {
+        let metrics = Metrics::new();
         let apps = config
             .apps
             .iter()
@@ -209,6 +213,7 @@ impl Hub {
                     jwt: JwtVerifier::new(app.secret.as_bytes(), app.token_leeway),
                     registry: Registry::new(config.limits.outbound_queue_bytes),
                     nonces: Mutex::new(NonceStore::new(config.push.nonce_capacity)),
+                    metrics: metrics.app(id),
                 };
                 (id.clone(), Arc::new(app))
             })
@@ -226,7 +231,41 @@ impl Hub {
             reloading: tokio::sync::Mutex::new(()),
             cluster: OnceLock::new(),
             draining: AtomicBool::new(false),
+            metrics,
         })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// `id` if it names a configured app (so that metrics never take a label from a client).
+    pub fn known_app<'a>(&self, id: Option<&'a str>) -> Option<&'a str> {
+        id.filter(|id| self.apps.contains_key(*id))
+    }
+
+    /// What `/metrics` reports beyond the counters: read now from where it is kept.
+    pub fn scrape(&self) -> Scrape {
+        let mut queues: Vec<_> = self.apps.values().map(|a| (a.id.clone(), a.registry.queued_bytes())).collect();
+        queues.sort_by(|a, b| a.0.cmp(&b.0));
+        let plugins = self
+            .plugins
+            .load()
+            .pools()
+            .into_iter()
+            .map(|pool| {
+                let (latency_buckets, latency_sum_seconds, latency_count) =
+                    pool.latency_histogram(&crate::metrics::PLUGIN_LATENCY_BOUNDS);
+                PluginScrape { snapshot: pool.snapshot(), latency_buckets, latency_sum_seconds, latency_count }
+            })
+            .collect();
+        let cluster = self.cluster.get().map(|c| ClusterScrape {
+            connected: c.is_connected(),
+            live_nodes: c.membership.live().len(),
+            published: c.sent.load(Ordering::Relaxed),
+            received: c.received.load(Ordering::Relaxed),
+        });
+        Scrape { node_id: self.node.id.clone(), draining: self.is_draining(), queues, plugins, cluster }
     }
 
     pub fn started_secs(&self) -> u64 {
@@ -356,14 +395,23 @@ impl Hub {
 
     /// Delivers to this node's sessions of `target`.
     pub fn deliver_local(&self, target: Target<'_>, frame: &Frame) -> Delivered {
-        match target {
+        let (app, delivered) = match target {
             Target::User { app, uid } => {
-                self.apps.get(app).map_or_else(Delivered::default, |a| a.registry.deliver(uid, frame))
+                let Some(app) = self.apps.get(app) else { return Delivered::default() };
+                (app, app.registry.deliver(uid, frame))
             }
             Target::Channel { app, channel } => {
-                self.apps.get(app).map_or_else(Delivered::default, |a| a.registry.deliver_channel(channel, frame))
+                let Some(app) = self.apps.get(app) else { return Delivered::default() };
+                (app, app.registry.deliver_channel(channel, frame))
             }
+        };
+        if delivered.sessions != 0 {
+            app.metrics.delivered.inc_by(delivered.sessions as u64);
         }
+        if delivered.dropped != 0 {
+            app.metrics.dropped.inc_by(delivered.dropped as u64);
+        }
+        delivered
     }
 
     /// Delivers `frame` to `target` on this node and, in a cluster, publishes it to the
@@ -388,7 +436,8 @@ impl Hub {
         channel: Option<&str>,
         max_bytes: usize,
     ) -> Result<Frame, Refused> {
-        let rewritten = self.filter(msg, max_bytes)?;
+        let rewritten =
+            self.filter(msg, max_bytes).inspect_err(|refused| self.metrics.denied(&app.id, refused.code.as_str()))?;
         let data = match &rewritten {
             Some(r) => r.get(),
             None => msg.data,
@@ -474,6 +523,7 @@ impl Hub {
         recipients: &[String],
         data: &RawValue,
     ) -> (String, u64, Vec<Recipient>) {
+        app.metrics.from_push.inc();
         let msg_id = self.ids.next();
         let send_at = now_ms();
         let max_bytes = self.config.limits.max_http_body_bytes;
@@ -506,8 +556,14 @@ impl Hub {
             .iter()
             .zip(outcomes)
             .map(|(uid, outcome)| match outcome {
-                Ok(o) => Recipient { uid: uid.clone(), outcome: o, refused: None },
-                Err(refused) => Recipient { uid: uid.clone(), outcome: Outcome::default(), refused: Some(refused) },
+                Ok(o) => {
+                    self.metrics.push_recipient(&app.id, o.status());
+                    Recipient { uid: uid.clone(), outcome: o, refused: None }
+                }
+                Err(refused) => {
+                    self.metrics.push_recipient(&app.id, refused.code.as_str());
+                    Recipient { uid: uid.clone(), outcome: Outcome::default(), refused: Some(refused) }
+                }
             })
             .collect();
         (msg_id, send_at, results)

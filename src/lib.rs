@@ -21,6 +21,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod hub;
+pub mod metrics;
 pub mod plugin;
 pub mod protocol;
 pub mod registry;

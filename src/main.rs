@@ -72,6 +72,20 @@ enum Command {
     /// Plugin commands.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Write a self-signed development certificate and key (`dev.crt`, `dev.key`) for
+    /// trying HTTPS and WSS locally; point `[tls]` at them. Not for production.
+    Cert {
+        /// Host name or IP address the certificate is for; repeat for several.
+        /// `localhost` and `127.0.0.1` are always included.
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        /// Directory to write into.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -124,6 +138,9 @@ fn main() -> ExitCode {
     if let Command::Plugin(PluginCommand::Check { file, json }) = &cli.command {
         return plugin_check(file, *json);
     }
+    if let Command::Cert { hosts, out, force } = &cli.command {
+        return cert(hosts, out, *force);
+    }
     let config = match load(&cli.config) {
         Ok(c) => c,
         Err(code) => return code,
@@ -150,7 +167,23 @@ fn main() -> ExitCode {
             report(runtime().block_on(push(&config, &app, to, &message, from.as_deref(), server, insecure)))
         }
         Command::Serve => report(runtime().block_on(serve(config))),
-        Command::Plugin(_) => unreachable!("handled before the config is loaded"),
+        Command::Plugin(_) | Command::Cert { .. } => unreachable!("handled before the config is loaded"),
+    }
+}
+
+fn cert(hosts: &[String], out: &std::path::Path, force: bool) -> ExitCode {
+    match tools::dev_cert(hosts, out, force) {
+        Ok(written) => {
+            println!("certificate: {}", written.cert.display());
+            println!("key:         {}", written.key.display());
+            println!("Add to config.toml (paths are relative to the config file):");
+            println!("[tls]\ncert = \"{}\"\nkey = \"{}\"", written.cert.display(), written.key.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -120,6 +120,13 @@ impl std::ops::AddAssign for Delivered {
     }
 }
 
+/// Outbound queue sizes of one app's sessions, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub total: u64,
+    pub max: u64,
+}
+
 /// The sessions of one app on this node: by user, and by channel subscribed to.
 #[derive(Debug)]
 pub struct Registry {
@@ -190,6 +197,19 @@ impl Registry {
             .iter()
             .flat_map(|e| e.value().iter().map(|h| (e.key().to_string(), h.clone())).collect::<Vec<_>>())
             .collect()
+    }
+
+    /// Bytes waiting in this app's outbound queues: in all of them, and in the fullest one.
+    pub fn queued_bytes(&self) -> QueueStats {
+        let mut stats = QueueStats::default();
+        for entry in self.users.iter() {
+            for h in entry.value() {
+                let q = h.control.queued_bytes() as u64;
+                stats.total += q;
+                stats.max = stats.max.max(q);
+            }
+        }
+        stats
     }
 
     /// Sessions of `uid` on this node.

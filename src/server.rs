@@ -45,6 +45,8 @@ pub struct LocalAddrs {
     pub tcp: Option<SocketAddr>,
     pub ws: Option<SocketAddr>,
     pub wss: Option<SocketAddr>,
+    /// The operator listener (`/admin`, `/metrics`), when `[listeners.admin]` is on.
+    pub admin: Option<SocketAddr>,
 }
 
 /// A node whose sockets are bound, ready to [`run`](Server::run).
@@ -56,6 +58,7 @@ pub struct Server {
     tcp: Option<TcpListener>,
     ws: Option<TcpListener>,
     wss: Option<TcpListener>,
+    admin: Option<TcpListener>,
     tls: Option<TlsAcceptor>,
 }
 
@@ -101,8 +104,15 @@ impl Server {
         let tcp = bind("listeners.tcp.bind", l.tcp.enabled, l.tcp.bind).await?;
         let ws = bind("listeners.ws.bind", l.ws.enabled, l.ws.bind).await?;
         let wss = bind("listeners.wss.bind", config.wss_enabled(), l.wss.bind).await?;
-        let addrs =
-            LocalAddrs { http: local(&http), https: local(&https), tcp: local(&tcp), ws: local(&ws), wss: local(&wss) };
+        let admin = bind("listeners.admin.bind", l.admin.enabled, l.admin.bind).await?;
+        let addrs = LocalAddrs {
+            http: local(&http),
+            https: local(&https),
+            tcp: local(&tcp),
+            ws: local(&ws),
+            wss: local(&wss),
+            admin: local(&admin),
+        };
 
         let (external, intranet, warnings) =
             cluster::advertise(&config, &Bound { tcp: addrs.tcp, ws: addrs.ws, wss: addrs.wss });
@@ -114,7 +124,7 @@ impl Server {
             let cluster = Cluster::start(&hub, hub.node_record()).await?;
             hub.set_cluster(cluster);
         }
-        Ok(Self { hub, addrs, http, https, tcp, ws, wss, tls })
+        Ok(Self { hub, addrs, http, https, tcp, ws, wss, admin, tls })
     }
 
     pub fn local_addrs(&self) -> LocalAddrs {
@@ -128,7 +138,7 @@ impl Server {
     /// Serves until `shutdown` resolves, then stops accepting, tells every client to
     /// reconnect elsewhere, and waits up to `shutdown.grace` for connections to finish.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-        let Server { hub, addrs, http, https, tcp, ws, wss, tls } = self;
+        let Server { hub, addrs, http, https, tcp, ws, wss, admin, tls } = self;
         let node = hub.node();
         let show = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
         info!(
@@ -138,6 +148,7 @@ impl Server {
             tcp = %show(addrs.tcp),
             ws = %show(addrs.ws),
             wss = %show(addrs.wss),
+            admin = %show(addrs.admin),
             "switchboard listening"
         );
         info!(tcp_addr = %node.external.tcp_addr, ws_addr = %node.external.ws_addr, wss_addr = %node.external.wss_addr, "advertising to clients");
@@ -151,7 +162,7 @@ impl Server {
         let stop_clients = hub.shutdown_token().clone();
         let stop_http = CancellationToken::new();
         let http_tasks = TaskTracker::new();
-        let router = crate::api::router(hub.clone());
+        let router = api::router(hub.clone());
         let limits = &hub.config().limits;
         let http_limits = HttpLimits {
             max_connections: limits.max_http_connections,
@@ -159,17 +170,11 @@ impl Server {
             request_timeout: limits.http_request_timeout,
         };
         let grace = hub.config().shutdown.grace;
-        for (listener, tls) in [(http, None), (https, tls.clone())] {
-            if let Some(listener) = listener {
-                http_tasks.spawn(api::serve::serve(
-                    listener,
-                    tls,
-                    router.clone(),
-                    http_limits,
-                    stop_http.clone(),
-                    grace,
-                ));
-            }
+        let admin = admin.map(|l| (l, None, api::admin_router(hub.clone())));
+        let public =
+            [(http, None), (https, tls.clone())].into_iter().map(|(l, tls)| l.map(|l| (l, tls, router.clone())));
+        for (listener, tls, router) in public.chain([admin]).flatten() {
+            http_tasks.spawn(api::serve::serve(listener, tls, router, http_limits, stop_http.clone(), grace));
         }
         if let Some(listener) = tcp {
             clients.spawn(tcp::accept_loop(listener, hub.clone(), clients.clone()));

@@ -126,3 +126,62 @@ pub async fn push(config: &Config, args: PushArgs<'_>) -> Result<Value, ToolErro
     }
     Ok(value)
 }
+
+/// Where `switchboard cert` wrote its files.
+#[derive(Debug, Clone)]
+pub struct DevCert {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("{0} exists; pass --force to replace it")]
+    Exists(std::path::PathBuf),
+    #[error("cannot generate the certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("cannot write {path}: {source}")]
+    Write { path: std::path::PathBuf, source: std::io::Error },
+}
+
+/// Writes a self-signed development certificate for `hosts` (DNS names or IP addresses,
+/// `localhost` and `127.0.0.1` always included) and its private key, as `dev.crt` and
+/// `dev.key` in `dir`. The key is readable by its owner only. Valid for 365 days.
+pub fn dev_cert(hosts: &[String], dir: &std::path::Path, force: bool) -> Result<DevCert, CertError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+
+    let mut names: Vec<String> = hosts.to_vec();
+    for always in ["localhost", "127.0.0.1"] {
+        if !names.iter().any(|h| h == always) {
+            names.push(always.to_string());
+        }
+    }
+    let out = DevCert { cert: dir.join("dev.crt"), key: dir.join("dev.key") };
+    if !force {
+        for path in [&out.cert, &out.key] {
+            if path.exists() {
+                return Err(CertError::Exists(path.clone()));
+            }
+        }
+    }
+    let mut params = rcgen::CertificateParams::new(names)?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, hosts.first().map_or("localhost", String::as_str));
+    params.distinguished_name.push(rcgen::DnType::OrganizationName, "switchboard development");
+    let now = std::time::SystemTime::now();
+    params.not_before = now.into();
+    params.not_after = (now + Duration::from_secs(365 * 24 * 3600)).into();
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+
+    let write = |path: &std::path::Path, mode: u32, text: &str| -> Result<(), CertError> {
+        let io = |source| CertError::Write { path: path.to_path_buf(), source };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path).map_err(io)?;
+        f.write_all(text.as_bytes()).map_err(io)
+    };
+    write(&out.key, 0o600, &key.serialize_pem())?;
+    write(&out.cert, 0o644, &cert.pem())?;
+    Ok(out)
+}

@@ -32,6 +32,18 @@ async fn direct_message_across_nodes() {
     alice.send_json(&json!({"to":"nobody","data":1})).await;
     let ack = alice.recv().await;
     assert_eq!((ack["status"].as_str(), ack["delivered"].as_u64()), (Some("offline"), Some(0)), "{ack}");
+
+    // The cross-node traffic in each node's metrics.
+    let (_, _, a) = scrape(&nodes[0].http()).await;
+    let (_, _, b) = scrape(&nodes[1].http()).await;
+    for text in [&a, &b] {
+        assert_eq!(sample(text, "switchboard_cluster_nats_connected"), Some(1.0), "{text}");
+        assert_eq!(sample(text, "switchboard_cluster_nodes"), Some(2.0), "{text}");
+    }
+    // alice's node published her two sends and received bob's one; bob's node the reverse.
+    assert_eq!(sample(&a, "switchboard_cluster_published_total"), Some(2.0), "{a}");
+    assert_eq!(sample(&b, "switchboard_cluster_received_total"), Some(1.0), "{b}");
+    assert_eq!(sample(&a, r#"switchboard_messages_delivered_total{app="demo"}"#), Some(1.0), "{a}");
 }
 
 #[tokio::test]

@@ -350,4 +350,11 @@ async fn slow_reader_is_disconnected_and_never_stalls_others() {
     // What "slow" finally reads ends with the connection closed.
     let _ = slow.expect_eof().await;
     s.assert_healthy().await;
+
+    // Operators see it in the metrics.
+    let slow_series = r#"switchboard_slow_consumer_disconnects_total{app="demo"}"#;
+    let text = scrape_until(&s.http(), |t| sample(t, slow_series) == Some(1.0)).await;
+    assert_eq!(sample(&text, r#"switchboard_disconnects_total{app="demo",reason="slow_consumer"}"#), Some(1.0));
+    let dropped = sample(&text, r#"switchboard_messages_dropped_total{app="demo"}"#).unwrap();
+    assert_eq!(dropped, statuses.iter().filter(|s| *s == "dropped").count() as f64, "{text}");
 }

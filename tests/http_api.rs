@@ -190,3 +190,38 @@ async fn wildcard_bind_advertises_a_real_interface() {
         assert!(warnings.iter().all(|w| !w.as_str().unwrap().contains("ws_addr")), "{warnings:?}");
     }
 }
+
+#[tokio::test]
+async fn cors_lets_listed_origins_call_the_api_from_browsers() {
+    let get = |base: String, origin: &'static str| async move {
+        reqwest::Client::new().get(format!("{base}/route?uid=alice")).header("origin", origin).send().await.unwrap()
+    };
+    // Off by default: browsers keep other origins' pages out.
+    let s = TestServer::spawn().await;
+    let resp = get(s.http(), "https://app.example").await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+
+    let s = TestServer::with(|c| c.cors.allowed_origins = vec!["https://app.example".into()]).await;
+    let resp = get(s.http(), "https://app.example").await;
+    assert_eq!(resp.headers()["access-control-allow-origin"], "https://app.example");
+    let resp = get(s.http(), "https://elsewhere.example").await;
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+    // The preflight a page sends before POSTing JSON to /route/batch.
+    let preflight = reqwest::Client::new()
+        .request(reqwest::Method::OPTIONS, format!("{}/route/batch", s.http()))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), 200);
+    assert_eq!(preflight.headers()["access-control-allow-origin"], "https://app.example");
+    assert!(preflight.headers()["access-control-allow-methods"].to_str().unwrap().contains("POST"));
+
+    let mut bad = base_config();
+    bad.cors.allowed_origins = vec!["https://app.example/path".into(), "*".into()];
+    let problems = bad.validate().unwrap_err();
+    assert_eq!(problems.iter().filter(|p| p.key == "cors.allowed_origins").count(), 2, "{problems:?}");
+}

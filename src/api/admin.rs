@@ -10,8 +10,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use serde::Serialize;
 use subtle::ConstantTimeEq;
+use utoipa::ToSchema;
 
-use super::ApiError;
+use super::{ApiError, ErrorBody};
 use crate::hub::Hub;
 use crate::plugin::{MetricsSnapshot, PluginSet};
 
@@ -35,7 +36,7 @@ fn authorize(hub: &Hub, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(super) struct PluginView {
     name: String,
     world: &'static str,
@@ -44,7 +45,7 @@ pub(super) struct PluginView {
     deadline_ms: f64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(super) struct PluginsView {
     generation: u64,
     plugins: Vec<PluginView>,
@@ -69,11 +70,26 @@ fn view(set: &PluginSet) -> PluginsView {
     }
 }
 
+/// The plugin set in force and per (plugin, app) metrics.
+#[utoipa::path(get, path = "/admin/plugins", tag = "admin", security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Plugins and their metrics", body = PluginsView),
+        (status = 401, description = "`admin_unauthorized`", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`: no `[admin] token` configured", body = ErrorBody),
+    ))]
 pub(super) async fn plugins(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Result<Json<PluginsView>, ApiError> {
     authorize(&hub, &headers)?;
     Ok(Json(view(&hub.plugins())))
 }
 
+/// Re-read the plugin config and files and swap them in; connections are not touched.
+#[utoipa::path(post, path = "/admin/plugins/reload", tag = "admin", security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Reloaded: the new set", body = PluginsView),
+        (status = 401, description = "`admin_unauthorized`", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`", body = ErrorBody),
+        (status = 422, description = "`reload_failed`: the previous plugins stay in force", body = ErrorBody),
+    ))]
 pub(super) async fn reload(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> Result<Json<PluginsView>, ApiError> {
     authorize(&hub, &headers)?;
     match hub.reload_plugins().await {
@@ -86,7 +102,7 @@ pub(super) async fn reload(State(hub): State<Arc<Hub>>, headers: HeaderMap) -> R
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(super) struct DrainStarted {
     draining: bool,
     connections: usize,
@@ -96,6 +112,12 @@ pub(super) struct DrainStarted {
 /// Starts draining: the node leaves routing at once and moves its clients to other nodes
 /// over `shutdown.drain_window`. The node keeps running (and answering the API) until it
 /// is stopped.
+#[utoipa::path(post, path = "/admin/drain", tag = "admin", security(("admin_token" = [])),
+    responses(
+        (status = 202, description = "Draining has started", body = DrainStarted),
+        (status = 401, description = "`admin_unauthorized`", body = ErrorBody),
+        (status = 403, description = "`admin_disabled`", body = ErrorBody),
+    ))]
 pub(super) async fn drain(
     State(hub): State<Arc<Hub>>,
     headers: HeaderMap,

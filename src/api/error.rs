@@ -4,7 +4,8 @@ use axum::Json;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 /// An API failure: an HTTP status, a stable machine-readable code and a human message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,9 +29,24 @@ impl ApiError {
     }
 }
 
+/// Every error response's body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: switch on this (the endpoint's responses list its codes).
+    #[schema(example = "invalid_body")]
+    pub code: &'static str,
+    /// For people; may change between versions.
+    pub message: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        let body = ErrorBody { error: ErrorDetail { code: self.code, message: self.message } };
         (self.status, Json(body)).into_response()
     }
 }

@@ -14,8 +14,9 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use utoipa::ToSchema;
 
-use super::ApiError;
+use super::{ApiError, ErrorBody};
 use crate::auth::nonce::NonceCheck;
 use crate::auth::signature::{self, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use crate::hub::App;
@@ -25,28 +26,38 @@ use crate::protocol::{looks_like_object, now_ms, valid_uid};
 /// The longest nonce accepted.
 pub(super) const MAX_NONCE_LEN: usize = 128;
 
-#[derive(Deserialize)]
+/// One user id, or a list of them.
+#[derive(Deserialize, ToSchema)]
 #[serde(untagged)]
 enum SendTo {
-    One(String),
-    Many(Vec<String>),
+    One(#[schema(inline)] super::UserId),
+    Many(Vec<super::UserId>),
 }
 
-#[derive(Deserialize)]
+/// A push. Sign the exact body bytes: see docs/http-api.md.
+#[derive(Deserialize, ToSchema)]
 struct PushBody<'a> {
+    /// The app id.
     #[serde(borrow)]
+    #[schema(value_type = String, example = "demo")]
     app_key: Cow<'a, str>,
+    /// Recipients (1 to `push.max_recipients`); duplicates are sent once.
     send_to: SendTo,
+    /// Delivered to the recipients as the message frame's `data`.
     #[serde(borrow)]
+    #[schema(value_type = Object)]
     message: &'a RawValue,
+    /// 1-128 bytes, never reused within `push.timestamp_window`.
     #[serde(borrow)]
+    #[schema(value_type = String, min_length = 1, max_length = 128)]
     nonce: Cow<'a, str>,
     /// Optional sender user id shown to recipients; `""` (the app server) when absent.
     #[serde(borrow, default)]
+    #[schema(value_type = Option<super::UserId>)]
     from: Option<Cow<'a, str>>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(super) struct RecipientResult {
     uid: String,
     /// `delivered`, `dropped` or `offline` (see `protocol::delivery_status`), or `denied` /
@@ -69,7 +80,7 @@ pub(super) fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(super) struct PushResponse {
     msg_id: String,
     send_at: u64,
@@ -165,10 +176,67 @@ pub(super) fn sender<'a>(from: &'a Option<Cow<'a, str>>) -> Result<&'a str, ApiE
     Ok(from)
 }
 
+/// Send a message to users.
+///
+/// The message is filtered per recipient by the app's filter plugins and delivered to every
+/// connection of each recipient on every node; the answer says, per recipient, how many.
+#[utoipa::path(post, path = "/api/v1/push", tag = "push",
+    request_body = PushBody<'_>,
+    params(
+        ("x-switchboard-timestamp" = u64, Header, description = "Unix seconds when the request was signed"),
+        ("x-switchboard-signature" = String, Header,
+            description = "hex(HMAC-SHA256(app secret, timestamp \\n nonce \\n body))"),
+    ),
+    responses(
+        (status = 200, description = "Accepted; per-recipient outcome", body = PushResponse),
+        (status = 400, description = "`invalid_body`, `invalid_recipient`, `invalid_sender`, `invalid_nonce`", body = ErrorBody),
+        (status = 401, description = "`unknown_app`, `timestamp_missing`, `timestamp_invalid`, `timestamp_stale`, \
+            `signature_missing`, `signature_invalid`", body = ErrorBody),
+        (status = 409, description = "`nonce_replayed`", body = ErrorBody),
+        (status = 413, description = "`body_too_large`", body = ErrorBody),
+        (status = 503, description = "`nonce_store_full`: retry shortly", body = ErrorBody),
+    ))]
 pub(super) async fn push(
     State(hub): State<Arc<Hub>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
+) -> Result<Json<PushResponse>, ApiError> {
+    let mut app = None;
+    let result = push_checked(&hub, &headers, body, &mut app).await;
+    let outcome = result.as_ref().map_or_else(|e| e.code, |_| "ok");
+    hub.metrics().push_request(app.as_ref().map(|a: &Arc<App>| a.id.as_str()), outcome);
+    result
+}
+
+/// The same as `POST /api/v1/push` (WuKongIM's path).
+#[utoipa::path(post, path = "/api/v1/im/push", tag = "push",
+    request_body = PushBody<'_>,
+    params(
+        ("x-switchboard-timestamp" = u64, Header, description = "Unix seconds when the request was signed"),
+        ("x-switchboard-signature" = String, Header, description = "As for /api/v1/push"),
+    ),
+    responses(
+        (status = 200, description = "Accepted; per-recipient outcome", body = PushResponse),
+        (status = 400, description = "As for /api/v1/push", body = ErrorBody),
+        (status = 401, description = "As for /api/v1/push", body = ErrorBody),
+        (status = 409, description = "`nonce_replayed`", body = ErrorBody),
+        (status = 413, description = "`body_too_large`", body = ErrorBody),
+        (status = 503, description = "`nonce_store_full`", body = ErrorBody),
+    ))]
+pub(super) async fn push_im(
+    state: State<Arc<Hub>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<PushResponse>, ApiError> {
+    push(state, headers, body).await
+}
+
+/// The push, checked in order; `app` is set once the request is known to come from it.
+async fn push_checked(
+    hub: &Hub,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    app: &mut Option<Arc<App>>,
 ) -> Result<Json<PushResponse>, ApiError> {
     let body = body?;
     if !looks_like_object(&body) {
@@ -176,11 +244,12 @@ pub(super) async fn push(
     }
     let req: PushBody<'_> =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("invalid_body", format!("push body: {e}")))?;
-    let signed = verify_signed(&hub, &headers, &body, &req.app_key, &req.nonce)?;
+    let signed = verify_signed(hub, headers, &body, &req.app_key, &req.nonce)?;
+    *app = Some(signed.app.clone());
 
     let mut recipients = match req.send_to {
-        SendTo::One(uid) => vec![uid],
-        SendTo::Many(uids) => uids,
+        SendTo::One(uid) => vec![uid.0],
+        SendTo::Many(uids) => uids.into_iter().map(|u| u.0).collect(),
     };
     let max = hub.config().push.max_recipients;
     if recipients.is_empty() || recipients.len() > max {
@@ -198,7 +267,7 @@ pub(super) async fn push(
     let mut seen = std::collections::HashSet::new();
     recipients.retain(|u| seen.insert(u.clone()));
     let from = sender(&req.from)?;
-    signed.commit(&hub, &req.nonce)?;
+    signed.commit(hub, &req.nonce)?;
 
     let (msg_id, send_at, results) = hub.push(signed.app, from, &recipients, req.message).await;
     let delivered = results.iter().map(|r| r.outcome.delivered.sessions).sum();

@@ -6,11 +6,12 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::cluster::Addrs;
 use crate::hub::Hub;
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(super) struct NodeView {
     id: String,
     #[serde(flatten)]
@@ -21,7 +22,7 @@ pub(super) struct NodeView {
     draining: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(super) struct Version {
     version: &'static str,
     node_id: String,
@@ -32,6 +33,9 @@ pub(super) struct Version {
     warnings: Vec<String>,
 }
 
+/// This node's version and the nodes it routes to.
+#[utoipa::path(get, path = "/api/version", tag = "node",
+    responses((status = 200, description = "Version, nodes, NATS state", body = Version)))]
 pub(super) async fn version(State(hub): State<Arc<Hub>>) -> Json<Version> {
     let node = hub.node();
     Json(Version {
@@ -53,13 +57,19 @@ pub(super) async fn version(State(hub): State<Arc<Hub>>) -> Json<Version> {
     })
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(super) struct Health {
+    /// `ok`, `draining` or `shutting_down`.
     status: &'static str,
     connections: usize,
 }
 
 /// 200 while serving; 503 once shutdown has begun, so a load balancer stops sending clients.
+#[utoipa::path(get, path = "/healthz", tag = "node",
+    responses(
+        (status = 200, description = "Serving", body = Health),
+        (status = 503, description = "Draining or shutting down: send clients elsewhere", body = Health),
+    ))]
 pub(super) async fn healthz(State(hub): State<Arc<Hub>>) -> (StatusCode, Json<Health>) {
     let connections = hub.connections();
     if hub.is_draining() {

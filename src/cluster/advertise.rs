@@ -7,10 +7,16 @@ use serde::Serialize;
 use crate::config::{AdvertiseConfig, Config};
 
 /// The route API's address triple. A listener that is not enabled is `""`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Addrs {
+    /// `host:port` for TCP clients.
+    #[schema(example = "192.0.2.2:5100")]
     pub tcp_addr: String,
+    /// `ws://host:port` for WebSocket clients.
+    #[schema(example = "ws://192.0.2.2:5200")]
     pub ws_addr: String,
+    /// `wss://host:port` for WebSocket Secure clients.
+    #[schema(example = "")]
     pub wss_addr: String,
 }
 

@@ -165,8 +165,8 @@ impl PluginSet {
         self.apps.get(app).unwrap_or_else(|| NO_PLUGINS.get_or_init(AppPlugins::default))
     }
 
-    /// Metrics of every (plugin, app) pool.
-    pub fn metrics(&self) -> Vec<MetricsSnapshot> {
+    /// Every (plugin, app) pool once, ordered by plugin then app.
+    pub fn pools(&self) -> Vec<&Arc<Pool>> {
         let mut pools: Vec<&Arc<Pool>> = Vec::new();
         for app in self.apps.values() {
             pools.extend(app.auth.iter().map(|a| &a.pool));
@@ -175,10 +175,14 @@ impl PluginSet {
         }
         pools.extend(self.global_router.iter());
         let mut seen = std::collections::HashSet::new();
-        let mut out: Vec<MetricsSnapshot> =
-            pools.into_iter().filter(|p| seen.insert(Arc::as_ptr(p))).map(|p| p.snapshot()).collect();
-        out.sort_by(|a, b| (&a.plugin, &a.app).cmp(&(&b.plugin, &b.app)));
-        out
+        pools.retain(|p| seen.insert(Arc::as_ptr(p)));
+        pools.sort_by(|a, b| (a.plugin_name(), a.app()).cmp(&(b.plugin_name(), b.app())));
+        pools
+    }
+
+    /// Metrics of every (plugin, app) pool.
+    pub fn metrics(&self) -> Vec<MetricsSnapshot> {
+        self.pools().into_iter().map(|p| p.snapshot()).collect()
     }
 
     /// Compiles, links and instantiates everything `config` asks for; `init` runs once per

@@ -89,7 +89,7 @@ impl Default for PoolMetrics {
 }
 
 /// A point-in-time copy of [`PoolMetrics`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct MetricsSnapshot {
     pub plugin: String,
     pub app: String,
@@ -104,7 +104,8 @@ pub struct MetricsSnapshot {
     pub latency_us: LatencySnapshot,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// Sampled call latency in microseconds.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct LatencySnapshot {
     pub p50: f64,
     pub p90: f64,
@@ -178,6 +179,11 @@ impl Pool {
 
     pub fn plugin_name(&self) -> &str {
         &self.plugin.name
+    }
+
+    /// The app this pool serves (`*` for the global router).
+    pub fn app(&self) -> &str {
+        &self.app
     }
 
     /// A new instance, instantiated and `init`ed within `deadline`.
@@ -298,6 +304,22 @@ impl Pool {
 
     pub(super) fn count_denial(&self) {
         self.metrics.denials.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The sampled latency as histogram buckets: for each upper bound (seconds, ascending)
+    /// the samples above the previous bound and at most this one, then the rest above the
+    /// last bound (`+Inf`); and the samples' sum (seconds) and count.
+    pub fn latency_histogram(&self, bounds: &[f64]) -> (Vec<(f64, u64)>, f64, u64) {
+        let h = self.metrics.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buckets = Vec::with_capacity(bounds.len() + 1);
+        let mut below = 0;
+        for &bound in bounds {
+            let upto = h.count_between(0, (bound * 1e9) as u64);
+            buckets.push((bound, upto - below));
+            below = upto;
+        }
+        buckets.push((f64::INFINITY, h.len() - below));
+        (buckets, h.mean() * h.len() as f64 / 1e9, h.len())
     }
 
     pub fn snapshot(&self) -> MetricsSnapshot {

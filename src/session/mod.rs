@@ -109,6 +109,8 @@ pub async fn start<T: FrameIo>(io: T, hub: Arc<Hub>, request: ConnectRequest, gu
     let Identity { app, uid, metadata } = match hub.authenticate(&request) {
         Ok(identity) => identity,
         Err(refusal) => {
+            let app = hub.known_app(request.app_id.as_deref());
+            hub.metrics().rejected(app, request.transport, refusal.code.as_str());
             debug!(remote = %request.remote, transport = %request.transport, app = request.app_id.as_deref().unwrap_or(""), code = %refusal.code, reason = refusal.reason.as_deref().unwrap_or(""), "connect rejected");
             return reject_with_reason(io, refusal.code, &refusal.message, refusal.reason.as_deref()).await;
         }
@@ -118,8 +120,10 @@ pub async fn start<T: FrameIo>(io: T, hub: Arc<Hub>, request: ConnectRequest, gu
     let control = Arc::new(SessionControl::default());
     let handle = SessionHandle { conn_id, tx, control: control.clone() };
     if let Err(code) = hub.register(&app, &uid, handle.clone()).await {
+        hub.metrics().rejected(Some(&app.id), request.transport, code.as_str());
         return reject(io, code, describe(code)).await;
     }
+    let held = hub.metrics().connected(&app.id, request.transport);
     if hub.is_draining() {
         // A client that reaches a node on its way out is moved on at once.
         control.kick(ErrorCode::NodeDraining);
@@ -150,6 +154,8 @@ pub async fn start<T: FrameIo>(io: T, hub: Arc<Hub>, request: ConnectRequest, gu
             hub.leave_channel(&app, &channel, conn_id);
         }
         debug!(reason = %exit, "disconnected");
+        hub.metrics().disconnected(&app.id, exit.reason());
+        drop(held);
         session.goodbye(exit).await;
         drop(guard);
     }
@@ -188,6 +194,18 @@ enum Exit {
     Shutdown,
     /// The node is draining: the client is moved to another node.
     Moved,
+}
+
+impl Exit {
+    /// The `reason` label of `switchboard_disconnects_total`.
+    fn reason(&self) -> &'static str {
+        match self {
+            Exit::Gone => "client_closed",
+            Exit::Fatal(code, _) => code.as_str(),
+            Exit::Shutdown => ErrorCode::ServerShutdown.as_str(),
+            Exit::Moved => ErrorCode::NodeDraining.as_str(),
+        }
+    }
 }
 
 impl std::fmt::Display for Exit {
@@ -369,9 +387,9 @@ impl<T: FrameIo> Session<T> {
         match frame {
             ClientFrame::Send(send) => {
                 let client_id = send.client_id.as_deref();
+                self.app.metrics.from_clients.inc();
                 if !self.bucket.try_take(Instant::now()) {
-                    let msg = "over limits.messages_per_second; the frame was dropped";
-                    return self.error(ErrorCode::RateLimited, msg, client_id).await;
+                    return self.rate_limited(client_id).await;
                 }
                 match self.hub.send_direct(&self.app, &self.uid, &self.metadata, &send.to, send.data).await {
                     Ok(sent) => self.ack(client_id, sent).await,
@@ -402,13 +420,14 @@ impl<T: FrameIo> Session<T> {
             }
             ClientFrame::Publish(c) => {
                 let client_id = c.client_id.as_deref();
+                self.app.metrics.from_clients.inc();
                 if !self.hub.config().apps[&self.app.id].client_publish {
+                    self.hub.metrics().denied(&self.app.id, ErrorCode::PublishForbidden.as_str());
                     let msg = "this app lets only its server publish to channels ([apps.<id>] client_publish)";
                     return self.error(ErrorCode::PublishForbidden, msg, client_id).await;
                 }
                 if !self.bucket.try_take(Instant::now()) {
-                    let msg = "over limits.messages_per_second; the frame was dropped";
-                    return self.error(ErrorCode::RateLimited, msg, client_id).await;
+                    return self.rate_limited(client_id).await;
                 }
                 let data = c.data.expect("decode requires data on publish");
                 let max = self.hub.config().limits.max_frame_bytes;
@@ -437,6 +456,12 @@ impl<T: FrameIo> Session<T> {
             let _ = handle.offer(&ack_frame(client_id.as_deref(), &sent.msg_id, &outcome), max_bytes);
         });
         Ok(())
+    }
+
+    async fn rate_limited(&mut self, client_id: Option<&str>) -> Result<(), Exit> {
+        self.hub.metrics().denied(&self.app.id, ErrorCode::RateLimited.as_str());
+        let msg = "over limits.messages_per_second; the frame was dropped";
+        self.error(ErrorCode::RateLimited, msg, client_id).await
     }
 
     async fn error(&mut self, code: ErrorCode, message: &str, client_id: Option<&str>) -> Result<(), Exit> {

@@ -106,17 +106,21 @@ where
 {
     let limits = &hub.config().limits;
     let mut io = TcpIo::new(stream, limits.max_frame_bytes);
+    let rejected = |code: ErrorCode| hub.metrics().rejected(None, Transport::Tcp, code.as_str());
     let Some(guard) = hub.try_admit() else {
+        rejected(ErrorCode::TooManyConnections);
         return session::reject(io, ErrorCode::TooManyConnections, "this node is at limits.max_connections").await;
     };
     let first = match tokio::time::timeout(limits.connect_timeout, io.next()).await {
         Err(_) => {
+            rejected(ErrorCode::ConnectTimeout);
             let msg = "no connect frame within limits.connect_timeout";
             return session::reject(io, ErrorCode::ConnectTimeout, msg).await;
         }
         Ok(None | Some(Err(ReadError::Io(_)))) => return,
         Ok(Some(Err(e))) => {
             let code = e.code().unwrap_or(ErrorCode::ProtocolError);
+            rejected(code);
             return session::reject(io, code, &e.to_string()).await;
         }
         Ok(Some(Ok(Inbound::Activity))) => unreachable!("TCP framing never yields bare activity"),
@@ -131,10 +135,14 @@ where
             params: Vec::new(),
         },
         Ok(_) => {
+            rejected(ErrorCode::ConnectRequired);
             let msg = r#"the first frame must be {"type":"connect","app_id":...,"token":...}"#;
             return session::reject(io, ErrorCode::ConnectRequired, msg).await;
         }
-        Err(e) => return session::reject(io, e.code, &e.message).await,
+        Err(e) => {
+            rejected(e.code);
+            return session::reject(io, e.code, &e.message).await;
+        }
     };
     session::start(io, hub, request, guard).await;
 }

@@ -80,6 +80,7 @@ pub async fn accept_loop_wss(listener: TcpListener, acceptor: TlsAcceptor, hub: 
             }
         };
         let Some(guard) = hub.try_admit() else {
+            hub.metrics().rejected(None, Transport::Wss, crate::protocol::ErrorCode::TooManyConnections.as_str());
             debug!(%remote, "WSS connection refused: limits.max_connections reached");
             continue;
         };
@@ -91,8 +92,14 @@ pub async fn accept_loop_wss(listener: TcpListener, acceptor: TlsAcceptor, hub: 
                 Ok(Ok(tls)) => {
                     super::ws::serve_connection(tls, remote, Transport::Wss, hub, Some(guard), deadline).await
                 }
-                Ok(Err(e)) => debug!(%remote, error = %e, "TLS handshake failed"),
-                Err(_) => debug!(%remote, "TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    hub.metrics().rejected(None, Transport::Wss, "tls_handshake_failed");
+                    debug!(%remote, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    hub.metrics().rejected(None, Transport::Wss, crate::protocol::ErrorCode::ConnectTimeout.as_str());
+                    debug!(%remote, "TLS handshake timed out");
+                }
             }
         });
     }

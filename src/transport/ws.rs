@@ -20,6 +20,7 @@ use tracing::debug;
 
 use super::{Inbound, Outbound, ReadError, Transport};
 use crate::hub::{ConnGuard, Hub};
+use crate::protocol::ErrorCode;
 use crate::session::{self, ConnectRequest};
 
 /// The one path clients upgrade on.
@@ -223,10 +224,13 @@ pub async fn serve_connection<S>(
     let ws = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
+            let reason = if full { ErrorCode::TooManyConnections.as_str() } else { "handshake_failed" };
+            hub.metrics().rejected(None, transport, reason);
             debug!(%remote, %transport, error = %e, "WebSocket handshake failed");
             return;
         }
         Err(_) => {
+            hub.metrics().rejected(None, transport, ErrorCode::ConnectTimeout.as_str());
             debug!(%remote, %transport, "WebSocket handshake timed out");
             return;
         }

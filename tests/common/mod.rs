@@ -282,6 +282,32 @@ impl Drop for TestServer {
 
 /// Waits (bounded by [`WAIT`]) until `cond` holds: for state the server changes
 /// asynchronously after a client-visible event, such as unregistering a closed connection.
+/// `GET {base}/metrics`: status, content type and text.
+pub async fn scrape(base: &str) -> (u16, String, String) {
+    let resp = reqwest::get(format!("{base}/metrics")).await.unwrap();
+    let status = resp.status().as_u16();
+    let ctype = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    (status, ctype, resp.text().await.unwrap())
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed) in a scrape.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Scrapes until `cond` holds (for at most [`WAIT`]); returns that scrape.
+pub async fn scrape_until(base: &str, mut cond: impl FnMut(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, _, text) = scrape(base).await;
+        if cond(&text) {
+            return text;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "metrics never got there:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn wait_until(mut cond: impl FnMut() -> bool) {
     tokio::time::timeout(WAIT, async {
         while !cond() {
