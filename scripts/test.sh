@@ -46,4 +46,4 @@ cargo test --locked --all-targets "$@"
 
 # The demo page and the JavaScript client in headless Chromium, against the binary the
 # tests above just built.
-SWITCHBOARD_BIN="$PWD/target/debug/switchboard" node --test tests/browser/
+SWITCHBOARD_BIN="$PWD/target/debug/switchboard" node --test tests/browser/*.test.mjs

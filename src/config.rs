@@ -603,7 +603,8 @@ pub struct AppConfig {
     #[serde(default)]
     pub client_publish: bool,
     /// Whether anyone may get a token for any user of this app from
-    /// `POST /api/v1/dev/token` (development only: it makes the app open to all).
+    /// `POST /api/v1/dev/token` when `[demo]` is on (development only: it makes the app
+    /// open to all).
     #[serde(default)]
     pub dev_tokens: bool,
 }
@@ -813,6 +814,14 @@ impl Config {
         }
         if origins.len() > 1 && origins.iter().any(|o| o == "*") {
             problem("cors.allowed_origins", "\"*\" allows every origin; list it alone".into());
+        }
+        if origins.iter().any(|o| o == "*")
+            && let Some((id, _)) = self.apps.iter().find(|(_, a)| a.dev_tokens)
+        {
+            problem(
+                "cors.allowed_origins",
+                format!("\"*\" would let any web page get tokens for apps.{id} (dev_tokens); list the origins"),
+            );
         }
         if self.demo.enabled && !self.listeners.http.enabled && !self.https_enabled() {
             problem("demo.enabled", "the demo page needs the HTTP or HTTPS listener".into());

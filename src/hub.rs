@@ -436,8 +436,7 @@ impl Hub {
         channel: Option<&str>,
         max_bytes: usize,
     ) -> Result<Frame, Refused> {
-        let rewritten =
-            self.filter(msg, max_bytes).inspect_err(|refused| self.metrics.denied(&app.id, refused.code.as_str()))?;
+        let rewritten = self.filter(msg, max_bytes).inspect_err(|refused| app.metrics.denied(refused.code))?;
         let data = match &rewritten {
             Some(r) => r.get(),
             None => msg.data,
@@ -557,11 +556,11 @@ impl Hub {
             .zip(outcomes)
             .map(|(uid, outcome)| match outcome {
                 Ok(o) => {
-                    self.metrics.push_recipient(&app.id, o.status());
+                    app.metrics.push_recipient(o.status());
                     Recipient { uid: uid.clone(), outcome: o, refused: None }
                 }
                 Err(refused) => {
-                    self.metrics.push_recipient(&app.id, refused.code.as_str());
+                    app.metrics.push_recipient(refused.code.as_str());
                     Recipient { uid: uid.clone(), outcome: Outcome::default(), refused: Some(refused) }
                 }
             })

@@ -176,7 +176,7 @@ fn cert(hosts: &[String], out: &std::path::Path, force: bool) -> ExitCode {
         Ok(written) => {
             println!("certificate: {}", written.cert.display());
             println!("key:         {}", written.key.display());
-            println!("Add to config.toml (paths are relative to the config file):");
+            println!("Add to config.toml (relative paths resolve against the config file's directory):");
             println!("[tls]\ncert = \"{}\"\nkey = \"{}\"", written.cert.display(), written.key.display());
             ExitCode::SUCCESS
         }

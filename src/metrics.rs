@@ -19,6 +19,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
 use crate::plugin::MetricsSnapshot;
+use crate::protocol::ErrorCode;
 use crate::transport::Transport;
 
 /// The content type of [`Metrics::render`]'s output.
@@ -154,13 +155,18 @@ impl Metrics {
     pub fn app(&self, app: &str) -> AppMetrics {
         let source = |source| self.received.get_or_create_owned(&SourceLabels { app: app.into(), source });
         let labels = AppLabels { app: app.into() };
+        let denied = DENIED_REASONS
+            .map(|code| self.denied.get_or_create_owned(&ReasonLabels { app: app.into(), reason: code.as_str() }));
+        let recipients = PUSH_OUTCOMES
+            .map(|outcome| self.push_recipients.get_or_create_owned(&OutcomeLabels { app: app.into(), outcome }));
         AppMetrics {
-            app: app.into(),
             from_clients: source("client"),
             from_push: source("push"),
             from_channel_api: source("channel_api"),
             delivered: self.delivered.get_or_create_owned(&labels),
             dropped: self.dropped.get_or_create_owned(&labels),
+            denied,
+            recipients,
         }
     }
 
@@ -182,24 +188,14 @@ impl Metrics {
     /// Counts the end of an authenticated connection.
     pub fn disconnected(&self, app: &str, reason: &'static str) {
         self.disconnects.get_or_create(&ReasonLabels { app: app.into(), reason }).inc();
-        if reason == crate::protocol::ErrorCode::SlowConsumer.as_str() {
+        if reason == ErrorCode::SlowConsumer.as_str() {
             self.slow_consumers.get_or_create(&AppLabels { app: app.into() }).inc();
         }
-    }
-
-    /// Counts a message refused before delivery.
-    pub fn denied(&self, app: &str, reason: &'static str) {
-        self.denied.get_or_create(&ReasonLabels { app: app.into(), reason }).inc();
     }
 
     /// Counts a push or channel publish request. `app` is `None` unless configured.
     pub fn push_request(&self, app: Option<&str>, outcome: &'static str) {
         self.push_requests.get_or_create(&OutcomeLabels { app: app.unwrap_or_default().into(), outcome }).inc();
-    }
-
-    /// Counts one recipient of a push.
-    pub fn push_recipient(&self, app: &str, outcome: &'static str) {
-        self.push_recipients.get_or_create(&OutcomeLabels { app: app.into(), outcome }).inc();
     }
 
     /// Everything, in the OpenMetrics text format: the counters above, then `scrape`.
@@ -225,20 +221,47 @@ impl Drop for ConnectionGauge {
     }
 }
 
-/// One app's per-message counters.
+/// Why a message may be refused before delivery (`messages_denied_total`'s reasons).
+const DENIED_REASONS: [ErrorCode; 4] =
+    [ErrorCode::Denied, ErrorCode::FilterFailed, ErrorCode::RateLimited, ErrorCode::PublishForbidden];
+
+/// What can become of one push recipient (`push_recipients_total`'s outcomes).
+const PUSH_OUTCOMES: [&str; 6] = ["delivered", "offline", "dropped", "unavailable", "denied", "filter_failed"];
+
+/// One app's per-message counters, created up front so that counting is one atomic add.
 #[derive(Debug, Clone)]
 pub struct AppMetrics {
-    app: String,
+    /// `send` and `publish` frames from clients.
     pub from_clients: Counter,
+    /// Push requests (one per request, whatever its number of recipients).
     pub from_push: Counter,
     pub from_channel_api: Counter,
     pub delivered: Counter,
     pub dropped: Counter,
+    denied: [Counter; DENIED_REASONS.len()],
+    recipients: [Counter; PUSH_OUTCOMES.len()],
 }
 
 impl AppMetrics {
-    pub fn app(&self) -> &str {
-        &self.app
+    /// Counts a message refused before delivery.
+    pub fn denied(&self, code: ErrorCode) {
+        match DENIED_REASONS.iter().position(|c| *c == code) {
+            Some(i) => {
+                self.denied[i].inc();
+            }
+            None => debug_assert!(false, "{code} is not a reason to deny a message"),
+        }
+    }
+
+    /// Counts one recipient of a push, by [`Outcome::status`](crate::hub::Outcome::status)
+    /// or the refusal code.
+    pub fn push_recipient(&self, outcome: &str) {
+        match PUSH_OUTCOMES.iter().position(|o| *o == outcome) {
+            Some(i) => {
+                self.recipients[i].inc();
+            }
+            None => debug_assert!(false, "{outcome} is not a push outcome"),
+        }
     }
 }
 

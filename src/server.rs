@@ -155,6 +155,13 @@ impl Server {
         for w in &node.warnings {
             warn!("{w}");
         }
+        let config = hub.config();
+        let public = [addrs.http, addrs.https].into_iter().flatten().any(|a| !a.ip().is_loopback());
+        if config.demo.enabled && public {
+            for (id, _) in config.apps.iter().filter(|(_, a)| a.dev_tokens) {
+                warn!(app = %id, "anyone who reaches this node can get a token for any user of apps.{id} (dev_tokens with [demo] on): development machines only");
+            }
+        }
 
         // Client listeners and sessions stop first; the HTTP API stays up while they drain
         // (so /healthz can say 503) and stops last.

@@ -149,7 +149,7 @@ pub enum CertError {
 /// `dev.key` in `dir`. The key is readable by its owner only. Valid for 365 days.
 pub fn dev_cert(hosts: &[String], dir: &std::path::Path, force: bool) -> Result<DevCert, CertError> {
     use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 
     let mut names: Vec<String> = hosts.to_vec();
     for always in ["localhost", "127.0.0.1"] {
@@ -179,6 +179,8 @@ pub fn dev_cert(hosts: &[String], dir: &std::path::Path, force: bool) -> Result<
         std::fs::create_dir_all(dir).map_err(io)?;
         let mut f =
             std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path).map_err(io)?;
+        // `mode` applies to a new file only: an existing one (--force) is narrowed first.
+        f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io)?;
         f.write_all(text.as_bytes()).map_err(io)
     };
     write(&out.key, 0o600, &key.serialize_pem())?;

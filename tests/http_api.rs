@@ -224,4 +224,11 @@ async fn cors_lets_listed_origins_call_the_api_from_browsers() {
     bad.cors.allowed_origins = vec!["https://app.example/path".into(), "*".into()];
     let problems = bad.validate().unwrap_err();
     assert_eq!(problems.iter().filter(|p| p.key == "cors.allowed_origins").count(), 2, "{problems:?}");
+    // Any web page could get development tokens from a developer's node.
+    let mut open = base_config();
+    open.cors.allowed_origins = vec!["*".into()];
+    open.validate().unwrap();
+    open.apps.get_mut("demo").unwrap().dev_tokens = true;
+    let problems = open.validate().unwrap_err();
+    assert!(problems[0].message.contains("dev_tokens"), "{problems:?}");
 }

@@ -140,6 +140,10 @@ async fn admin_listener_takes_metrics_and_admin_off_the_public_one() {
     assert_eq!(status, 404);
     let route = reqwest::get(format!("{admin}/route")).await.unwrap();
     assert_eq!(route.status(), 404);
+    // The public listener's document lists what it serves.
+    let (_, doc) = s.get("/api/openapi.json").await;
+    assert!(doc["paths"].get("/route").is_some() && doc["paths"].get("/metrics").is_none(), "{doc}");
+    assert!(doc["paths"].get("/admin/plugins").is_none());
     let (status, _) = s.get("/route").await;
     assert_eq!(status, 200);
 
@@ -201,11 +205,11 @@ async fn openapi_document_matches_the_router() {
 
 #[tokio::test]
 async fn demo_page_and_dev_tokens() {
-    // Off by default: no page, no tokens.
-    let s = TestServer::spawn().await;
+    // Off by default: no page, no tokens, even for an app that allows them.
+    let s = TestServer::with(|c| c.apps.get_mut("demo").unwrap().dev_tokens = true).await;
     assert_eq!(s.get("/demo").await.0, 404);
     let (status, body) = s.post("/api/v1/dev/token", r#"{"app_id":"demo","uid":"alice"}"#).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("dev_tokens_disabled")));
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
 
     let s = TestServer::with(|c| {
         c.demo.enabled = true;
@@ -218,7 +222,10 @@ async fn demo_page_and_dev_tokens() {
     let client = reqwest::get(format!("{}/demo/switchboard.js", s.http())).await.unwrap().text().await.unwrap();
     let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/js/switchboard.js")).unwrap();
     assert_eq!(client, source, "the page gets the client module from clients/js");
-    assert_eq!(s.get("/demo/../Cargo.toml").await.0, 404);
+    // Only the embedded files, whatever the path says.
+    for path in ["/demo/..%2FCargo.toml", "/demo/%2E%2E%2Fconfig.toml", "/demo/index.html"] {
+        assert_eq!(s.get(path).await.0, 404, "{path}");
+    }
     assert_eq!(s.get("/demo/config.json").await.1, json!({"apps": ["demo"]}));
 
     // A token that connects as the user asked for, for flagged apps only.
@@ -330,11 +337,15 @@ fn cert_writes_a_usable_development_certificate() {
     let key_mode = std::fs::metadata(out.join("dev.key")).unwrap().permissions().mode() & 0o777;
     assert_eq!(key_mode, 0o600, "the key is readable by its owner only");
 
-    // Never overwritten by accident.
+    // Never overwritten by accident; replaced on request, and the key stays private even
+    // when the file it replaces was readable by others.
     let again = run(&[]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    std::fs::set_permissions(out.join("dev.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
     assert!(run(&["--force"]).status.success());
+    let key_mode = std::fs::metadata(out.join("dev.key")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(key_mode, 0o600);
 
     // A client that trusts it reaches the node over HTTPS as gateway.test and 127.0.0.1.
     let pem = std::fs::read(out.join("dev.crt")).unwrap();

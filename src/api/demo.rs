@@ -1,7 +1,7 @@
 //! The demo page (`GET /demo`, assets embedded in the binary) and development tokens
 //! (`POST /api/v1/dev/token`).
 //!
-//! The page is served only with `[demo] enabled = true`; tokens only for apps with
+//! Both answer only with `[demo] enabled = true`, and tokens only for apps with
 //! `dev_tokens = true`. Both are off by default: a development token endpoint lets anyone
 //! be any user of that app. The repository's `config.toml` turns both on for its `demo` app.
 
@@ -120,13 +120,16 @@ pub(super) struct TokenResponse {
         (status = 200, description = "A token", body = TokenResponse),
         (status = 400, description = "`invalid_body`, `invalid_uid`, `invalid_ttl`", body = ErrorBody),
         (status = 403, description = "`dev_tokens_disabled`: the app does not set `dev_tokens = true`", body = ErrorBody),
-        (status = 404, description = "`unknown_app`", body = ErrorBody),
+        (status = 404, description = "`unknown_app`; `not_found`: `[demo] enabled = false`", body = ErrorBody),
         (status = 413, description = "`body_too_large`", body = ErrorBody),
     ))]
 pub(super) async fn token(
     State(hub): State<Arc<Hub>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<TokenResponse>, ApiError> {
+    if !hub.config().demo.enabled {
+        return Err(demo_off());
+    }
     let body = body?;
     let req: TokenRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid_body", format!("expected {{\"app_id\",\"uid\"}}: {e}")))?;

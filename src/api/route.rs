@@ -23,8 +23,8 @@ use crate::protocol::valid_uid;
 #[derive(Debug, Default, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct RouteQuery {
-    /// `1` for the addresses inside the data centre, `0` (default) for the public ones.
-    #[param(value_type = Option<u8>, minimum = 0, maximum = 1)]
+    /// `1` for the addresses inside the data centre, `0` (default, also empty) for the public ones.
+    #[param(value_type = Option<String>, pattern = "^[01]?$")]
     intranet: bool,
     /// Use this app's router plugin.
     app_id: Option<String>,
@@ -52,7 +52,8 @@ fn parse_query(query: &Option<String>) -> Result<RouteQuery, ApiError> {
         match &*k {
             "intranet" => {
                 q.intranet = match &*v {
-                    "0" => false,
+                    // Empty too: clients that build the URL from an unset variable send it.
+                    "0" | "" => false,
                     "1" => true,
                     _ => return Err(ApiError::bad_request("invalid_parameter", "intranet must be 0 or 1")),
                 }
@@ -107,8 +108,8 @@ pub(super) async fn route(State(hub): State<Arc<Hub>>, RawQuery(query): RawQuery
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)] // Only describes the query string for the document; parse_query reads it.
 struct BatchQuery {
-    /// `1` for the addresses inside the data centre, `0` (default) for the public ones.
-    #[param(value_type = Option<u8>, minimum = 0, maximum = 1)]
+    /// `1` for the addresses inside the data centre, `0` (default, also empty) for the public ones.
+    #[param(value_type = Option<String>, pattern = "^[01]?$")]
     intranet: bool,
     /// Use this app's router plugin.
     app_id: Option<String>,

@@ -310,16 +310,21 @@ impl Pool {
     /// the samples above the previous bound and at most this one, then the rest above the
     /// last bound (`+Inf`); and the samples' sum (seconds) and count.
     pub fn latency_histogram(&self, bounds: &[f64]) -> (Vec<(f64, u64)>, f64, u64) {
-        let h = self.metrics.latency.lock().unwrap_or_else(|e| e.into_inner());
-        let mut buckets = Vec::with_capacity(bounds.len() + 1);
-        let mut below = 0;
-        for &bound in bounds {
-            let upto = h.count_between(0, (bound * 1e9) as u64);
-            buckets.push((bound, upto - below));
-            below = upto;
+        let bounds_ns: Vec<u64> = bounds.iter().map(|b| (b * 1e9) as u64).collect();
+        let mut counts = vec![0u64; bounds.len() + 1];
+        let (mut sum_ns, mut total) = (0f64, 0u64);
+        {
+            // One pass over the recorded values; calls that sample wait on this lock.
+            let h = self.metrics.latency.lock().unwrap_or_else(|e| e.into_inner());
+            for v in h.iter_recorded() {
+                let (ns, n) = (v.value_iterated_to(), v.count_at_value());
+                counts[bounds_ns.partition_point(|b| *b < ns)] += n;
+                sum_ns += ns as f64 * n as f64;
+                total += n;
+            }
         }
-        buckets.push((f64::INFINITY, h.len() - below));
-        (buckets, h.mean() * h.len() as f64 / 1e9, h.len())
+        let buckets = bounds.iter().copied().chain([f64::INFINITY]).zip(counts).collect();
+        (buckets, sum_ns / 1e9, total)
     }
 
     pub fn snapshot(&self) -> MetricsSnapshot {

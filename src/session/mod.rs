@@ -154,8 +154,8 @@ pub async fn start<T: FrameIo>(io: T, hub: Arc<Hub>, request: ConnectRequest, gu
             hub.leave_channel(&app, &channel, conn_id);
         }
         debug!(reason = %exit, "disconnected");
-        hub.metrics().disconnected(&app.id, exit.reason());
         drop(held);
+        hub.metrics().disconnected(&app.id, exit.reason());
         session.goodbye(exit).await;
         drop(guard);
     }
@@ -422,7 +422,7 @@ impl<T: FrameIo> Session<T> {
                 let client_id = c.client_id.as_deref();
                 self.app.metrics.from_clients.inc();
                 if !self.hub.config().apps[&self.app.id].client_publish {
-                    self.hub.metrics().denied(&self.app.id, ErrorCode::PublishForbidden.as_str());
+                    self.app.metrics.denied(ErrorCode::PublishForbidden);
                     let msg = "this app lets only its server publish to channels ([apps.<id>] client_publish)";
                     return self.error(ErrorCode::PublishForbidden, msg, client_id).await;
                 }
@@ -459,7 +459,7 @@ impl<T: FrameIo> Session<T> {
     }
 
     async fn rate_limited(&mut self, client_id: Option<&str>) -> Result<(), Exit> {
-        self.hub.metrics().denied(&self.app.id, ErrorCode::RateLimited.as_str());
+        self.app.metrics.denied(ErrorCode::RateLimited);
         let msg = "over limits.messages_per_second; the frame was dropped";
         self.error(ErrorCode::RateLimited, msg, client_id).await
     }

@@ -209,7 +209,11 @@ pub async fn serve_connection<S>(
     let limits = &hub.config().limits;
     let full = guard.is_none();
     let mut query: Option<String> = None;
+    // Whether an upgrade request arrived: a connection closed before one (a load balancer's
+    // TCP health check, a port scan) is not a refused client.
+    let mut requested = false;
     let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        requested = true;
         if req.uri().path() != CONNECT_PATH {
             return Err(json_error(404, "not_found", "WebSocket clients connect at /ws/connect"));
         }
@@ -224,8 +228,10 @@ pub async fn serve_connection<S>(
     let ws = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
-            let reason = if full { ErrorCode::TooManyConnections.as_str() } else { "handshake_failed" };
-            hub.metrics().rejected(None, transport, reason);
+            if requested {
+                let reason = if full { ErrorCode::TooManyConnections.as_str() } else { "handshake_failed" };
+                hub.metrics().rejected(None, transport, reason);
+            }
             debug!(%remote, %transport, error = %e, "WebSocket handshake failed");
             return;
         }

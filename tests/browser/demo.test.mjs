@@ -2,7 +2,7 @@
 // in a real Chromium, against a real switchboard process.
 //
 //   cd tests/browser && npm ci                      # playwright-core only; never a browser download
-//   SWITCHBOARD_BIN=$PWD/target/debug/switchboard node --test tests/browser/
+//   SWITCHBOARD_BIN=$PWD/target/debug/switchboard node --test tests/browser/*.test.mjs
 //
 // Needs: SWITCHBOARD_BIN (absolute path of the binary), Debian's Chromium at /usr/bin/chromium
 // (`apt-get install chromium`; another path with CHROMIUM_PATH). Each suite starts its own
@@ -428,94 +428,85 @@ function gatewayForSuite(options) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Over HTTP + WS
+// The same scenarios over HTTP + WS and over HTTPS + WSS (a generated self-signed certificate).
 
-describe("demo page over HTTP and WS", () => {
-  const gateway = gatewayForSuite();
+const transports = [
+  { name: "HTTP and WS", tls: false, page: (g) => g.http, address: (g) => `ws://127.0.0.1:${g.ports.ws}` },
+  { name: "HTTPS and WSS", tls: true, page: (g) => g.https, address: (g) => `wss://127.0.0.1:${g.ports.wss}` },
+];
 
-  test("two users chat both ways, and each sent message is acknowledged as delivered", { timeout: 90_000 }, () =>
-    scenario("chat", gateway, async ({ open, pages }) => {
-      const alice = await open(gateway.http, "alice");
-      const bob = await open(gateway.http, "bob");
-      for (const p of [alice, bob]) {
-        const address = await p.getByTestId("address").innerText();
-        assert.equal(address, `ws://127.0.0.1:${gateway.ports.ws}`, `${p.uid}'s page chose ${address}`);
-      }
-      await chatBothWays(alice, bob, "(ws)");
-      // The received message says who sent it.
-      const item = await received(bob, "hello bob, alice here (ws)");
-      assert.equal(await item.getAttribute("data-from"), "alice");
-      assertNoPageErrors(pages);
-    }));
+for (const t of transports) {
+  describe(`demo page over ${t.name}`, () => {
+    const gateway = gatewayForSuite({ tls: t.tls });
+    const tag = t.tls ? "(wss)" : "(ws)";
 
-  test("a message pushed through the HTTP API appears in the page", { timeout: 90_000 }, () =>
-    scenario("push", gateway, async ({ open }) => {
-      const alice = await open(gateway.http, "alice");
-      const output = await gateway.push("alice", { text: "from the server" });
-      assert.match(output, /alice\s+delivered/, `push output:\n${output}`);
-      const item = await received(alice, "from the server");
-      assert.equal(await item.getAttribute("data-from"), "", "a push without --from has an empty sender");
-    }));
+    test("two users chat both ways, and each sent message is acknowledged as delivered", { timeout: 90_000 }, () =>
+      scenario(`chat${t.tls ? "-tls" : ""}`, gateway, async ({ open, pages }) => {
+        const alice = await open(t.page(gateway), "alice");
+        const bob = await open(t.page(gateway), "bob");
+        for (const p of [alice, bob]) {
+          assert.ok(p.url().startsWith(t.tls ? "https://" : "http://"), p.url());
+          const address = await p.getByTestId("address").innerText();
+          assert.equal(address, t.address(gateway), `${p.uid}'s page chose ${address}`);
+        }
+        await chatBothWays(alice, bob, tag);
+        // The received message says who sent it.
+        const item = await received(bob, `hello bob, alice here ${tag}`);
+        assert.equal(await item.getAttribute("data-from"), "alice");
+        assertNoPageErrors(pages);
+      }));
 
-  test("a screenshot of the demo page mid-conversation", { timeout: 90_000 }, () =>
-    scenario("screenshot", gateway, async ({ open }) => {
-      const alice = await open(gateway.http, "alice");
-      const bob = await open(gateway.http, "bob");
-      await chat(alice, "bob", "Hi Bob! Are you joining the stand-up?");
-      await received(bob, "joining the stand-up");
-      await chat(bob, "alice", "Yes, in two minutes. Can you share the link?");
-      await received(alice, "share the link");
-      await chat(alice, "bob", "Sent it in #room:lobby");
-      await received(bob, "Sent it in");
-      await acknowledged(alice, "Sent it in");
-      const file = path.join(OUT, "demo.png");
-      await alice.screenshot({ path: file, fullPage: true });
-      assert.ok(existsSync(file), `no screenshot at ${file}`);
-    }));
+    test("a message pushed through the HTTP API appears in the page", { timeout: 90_000 }, () =>
+      scenario(`push${t.tls ? "-tls" : ""}`, gateway, async ({ open }) => {
+        const alice = await open(t.page(gateway), "alice");
+        const output = await gateway.push("alice", { text: `from the server ${tag}` });
+        assert.match(output, /alice\s+delivered/, `push output:\n${output}`);
+        const item = await received(alice, `from the server ${tag}`);
+        assert.equal(await item.getAttribute("data-from"), "", "a push without --from has an empty sender");
+      }));
 
-  test("the page reconnects by itself after the gateway restarts", { timeout: 150_000 }, () =>
-    scenario("restart", gateway, async ({ open }) => {
-      const alice = await open(gateway.http, "alice");
-      const bob = await open(gateway.http, "bob");
-      const reconnecting = (p) => p.locator('[data-testid="state-history"] > [data-state="reconnecting"]');
-      const connectedCount = async (p) => p.locator('[data-testid="state-history"] > [data-state="connected"]').count();
-      assert.equal(await reconnecting(alice).count(), 0);
-      const before = { alice: await connectedCount(alice), bob: await connectedCount(bob) };
+    test("the page reconnects by itself after the gateway restarts", { timeout: 150_000 }, () =>
+      scenario(`restart${t.tls ? "-tls" : ""}`, gateway, async ({ open }) => {
+        const alice = await open(t.page(gateway), "alice");
+        const bob = await open(t.page(gateway), "bob");
+        const reconnecting = (p) => p.locator('[data-testid="state-history"] > [data-state="reconnecting"]');
+        const connectedCount = async (p) =>
+          p.locator('[data-testid="state-history"] > [data-state="connected"]').count();
+        assert.equal(await reconnecting(alice).count(), 0);
+        const before = { alice: await connectedCount(alice), bob: await connectedCount(bob) };
 
-      const ended = await gateway.stop();
-      assert.ok(ended && ended.signal !== "SIGKILL", `the gateway did not stop on SIGTERM: ${JSON.stringify(ended)}`);
-      for (const p of [alice, bob]) {
-        await reconnecting(p).first().waitFor({ timeout: WAIT });
-        // The gateway said goodbye with a reconnect frame, which the client obeyed.
-        assert.match(await reconnecting(p).first().innerText(), /server_shutdown/);
-      }
+        const ended = await gateway.stop();
+        assert.ok(ended && ended.signal !== "SIGKILL", `the gateway did not stop on SIGTERM: ${JSON.stringify(ended)}`);
+        for (const p of [alice, bob]) {
+          await reconnecting(p).first().waitFor({ timeout: WAIT });
+          // The gateway said goodbye with a reconnect frame, which the client obeyed.
+          assert.match(await reconnecting(p).first().innerText(), /server_shutdown/);
+        }
 
-      await gateway.start();
-      for (const p of [alice, bob]) {
-        await waitState(p, "connected", RECONNECT_WAIT);
-        assert.ok((await connectedCount(p)) > before[p.uid], `${p.uid}'s page shows no new connection`);
-      }
-      await chatBothWays(alice, bob, "(after the restart)");
-    }));
-});
+        await gateway.start();
+        for (const p of [alice, bob]) {
+          await waitState(p, "connected", RECONNECT_WAIT);
+          assert.ok((await connectedCount(p)) > before[p.uid], `${p.uid}'s page shows no new connection`);
+        }
+        await chatBothWays(alice, bob, `(after the restart) ${tag}`);
+      }));
 
-// ------------------------------------------------------------------------------------------
-// Over HTTPS + WSS
-
-describe("demo page over HTTPS and WSS", () => {
-  const gateway = gatewayForSuite({ tls: true });
-
-  test("two users chat both ways over WSS, from a page served over HTTPS", { timeout: 90_000 }, () =>
-    scenario("tls", gateway, async ({ open, pages }) => {
-      const alice = await open(gateway.https, "alice");
-      const bob = await open(gateway.https, "bob");
-      for (const p of [alice, bob]) {
-        assert.ok(p.url().startsWith("https://"), p.url());
-        const address = await p.getByTestId("address").innerText();
-        assert.ok(address.startsWith("wss://"), `${p.uid}'s page chose ${address}, not a wss:// address`);
-        assert.equal(address, `wss://127.0.0.1:${gateway.ports.wss}`);
-      }
-      await chatBothWays(alice, bob, "(wss)");
-      assertNoPageErrors(pages);
-    }));
-});
+    if (!t.tls) {
+      test("a screenshot of the demo page mid-conversation", { timeout: 90_000 }, () =>
+        scenario("screenshot", gateway, async ({ open }) => {
+          const alice = await open(gateway.http, "alice");
+          const bob = await open(gateway.http, "bob");
+          await chat(alice, "bob", "Hi Bob! Are you joining the stand-up?");
+          await received(bob, "joining the stand-up");
+          await chat(bob, "alice", "Yes, in two minutes. Can you share the link?");
+          await received(alice, "share the link");
+          await chat(alice, "bob", "Sent it in #room:lobby");
+          await received(bob, "Sent it in");
+          await acknowledged(alice, "Sent it in");
+          const file = path.join(OUT, "demo.png");
+          await alice.screenshot({ path: file, fullPage: true });
+          assert.ok(existsSync(file), `no screenshot at ${file}`);
+        }));
+    }
+  });
+}
