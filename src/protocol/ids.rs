@@ -49,7 +49,9 @@ pub fn conversation_id(app: &str, a: &str, b: &str) -> String {
         h.update(part.as_bytes());
     }
     let digest = h.finalize();
-    format!("d:{}", hex::encode(&digest[..16]))
+    let mut id = *b"d:00000000000000000000000000000000";
+    hex::encode_to_slice(&digest[..16], &mut id[2..]).expect("16 bytes are 32 hex digits");
+    std::str::from_utf8(&id).expect("hex digits are ASCII").to_string()
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use super::readahead::ReadAhead;
 use super::{Inbound, Outbound, ReadError, Transport};
 use crate::hub::{ConnGuard, Hub};
 use crate::protocol::ErrorCode;
@@ -173,8 +174,8 @@ where
 }
 
 /// The WebSocket settings for client connections: a 1 KiB read buffer (this node holds many
-/// idle connections; each read takes up to that much, and larger frames still arrive whole:
-/// 4 KiB cost 3 KiB more per connection and no measurable throughput, docs/performance.md),
+/// idle connections; larger frames still arrive whole, and on plain WS [`ReadAhead`] makes
+/// the socket reads 16 KiB: docs/performance.md),
 /// writes batched up to 16 KiB between flushes, frames capped.
 pub fn ws_config(max_frame_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
@@ -261,7 +262,14 @@ pub async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, tracker: TaskTrac
                 let _ = stream.set_nodelay(true);
                 let deadline = tokio::time::Instant::now() + hub.config().limits.connect_timeout;
                 let guard = hub.try_admit();
-                tracker.spawn(serve_connection(stream, remote, Transport::Ws, hub.clone(), guard, deadline));
+                tracker.spawn(serve_connection(
+                    ReadAhead::new(stream),
+                    remote,
+                    Transport::Ws,
+                    hub.clone(),
+                    guard,
+                    deadline,
+                ));
             }
             Err(e) => super::accept_backoff(&e).await,
         }
