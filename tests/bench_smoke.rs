@@ -40,7 +40,12 @@ fn every_scenario_runs_in_smoke_mode() {
         );
     }
     let labels: Vec<&str> = r["direct"].as_array().unwrap().iter().map(|d| d["label"].as_str().unwrap()).collect();
-    assert!(labels.contains(&"half-peak"), "{labels:?}");
+    for label in ["max", "half-peak", "max, no ack", "half-peak, no ack"] {
+        assert!(labels.contains(&label), "{labels:?}");
+    }
+    for d in r["direct"].as_array().unwrap() {
+        assert_eq!(d["refused"].as_u64(), Some(0), "{d}");
+    }
     assert_eq!(r["plugins_direct"].as_array().unwrap().len(), 3);
     for c in r["plugins_connect"].as_array().unwrap() {
         assert_eq!((c["connections"].as_u64(), c["failed"].as_u64()), (Some(20), Some(0)), "{c}");

@@ -132,7 +132,17 @@ async fn channel_fan_out_across_three_nodes() {
     assert_eq!(subscribers[0].recv().await["type"], "unsubscribed");
     author.send_json(&json!({"type":"publish","channel":"room:1","data":"again"})).await;
     assert_eq!(author.recv().await["delivered"], 5);
+    for s in &mut subscribers[1..] {
+        assert_eq!(s.recv().await["data"], "again");
+    }
     subscribers[0].expect_silence(Duration::from_millis(200)).await;
+    // Without an ack, the message still reaches every node; the author hears nothing back.
+    author.send_json(&json!({"type":"publish","channel":"room:1","data":"quiet","ack":false})).await;
+    for s in &mut subscribers[1..] {
+        assert_eq!(s.recv().await["data"], "quiet");
+    }
+    author.send_json(&json!({"type":"ping"})).await;
+    assert_eq!(author.recv().await["type"], "pong");
     author.send_json(&json!({"type":"subscribe","channel":"no spaces allowed"})).await;
     assert_eq!(author.recv().await["code"], "invalid_channel");
 }

@@ -212,6 +212,34 @@ async fn rate_limit_drops_frames_and_keeps_the_connection() {
 }
 
 #[tokio::test]
+async fn send_without_ack_is_delivered_and_only_refusals_are_answered() {
+    let s = TestServer::with(|c| {
+        c.limits.messages_per_second = 1;
+        c.limits.message_burst = 2;
+    })
+    .await;
+    let mut alice = s.ws("demo", "alice").await;
+    let mut bob = s.ws("demo", "bob").await;
+    for i in 0..3 {
+        alice.send_json(&json!({"to":"bob","data":i,"client_id":format!("m{i}"),"ack":false})).await;
+    }
+    assert_eq!(bob.recv().await["data"], 0);
+    assert_eq!(bob.recv().await["data"], 1);
+    // The two accepted messages got no ack; the third, over the rate, is refused out loud.
+    let refused = alice.recv().await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "rate_limited");
+    assert_eq!(refused["client_id"], "m2");
+    alice.send_json(&json!({"type":"ping"})).await;
+    assert_eq!(alice.recv().await["type"], "pong", "nothing else was queued before the pong");
+
+    // `ack` must be a boolean.
+    alice.send_json(&json!({"to":"bob","data":1,"ack":"no"})).await;
+    let bad = alice.recv().await;
+    assert_eq!(bad["code"], "invalid_frame", "{bad}");
+}
+
+#[tokio::test]
 async fn connection_limits() {
     let s = TestServer::with(|c| {
         c.limits.max_connections = 3;

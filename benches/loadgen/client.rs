@@ -135,6 +135,8 @@ async fn open(endpoint: &Endpoint, path: &str, source: Option<IpAddr>) -> anyhow
 pub struct Writer {
     system: System,
     sink: SplitSink<Ws, Message>,
+    /// Switchboard: ask for an `ack` per send (the default).
+    ack: bool,
 }
 
 /// The receiving half; yields the frames that carried payloads.
@@ -165,7 +167,7 @@ pub async fn connect(
             if !hello.starts_with(br#"{"type":"connected""#) {
                 bail!("switchboard refused {id}: {}", String::from_utf8_lossy(&hello));
             }
-            Ok((Writer { system: System::Switchboard, sink }, reader))
+            Ok((Writer { system: System::Switchboard, sink, ack: true }, reader))
         }
         System::Nats => {
             let ws = open(endpoint, "/", source).await?;
@@ -179,7 +181,7 @@ pub async fn connect(
             sink.send(Message::Binary(Bytes::from(hello))).await?;
             // The PONG proves CONNECT and SUB were processed.
             reader.nats_until_pong().await?;
-            Ok((Writer { system: System::Nats, sink }, reader))
+            Ok((Writer { system: System::Nats, sink, ack: true }, reader))
         }
         System::Mosquitto => {
             let ws = open(endpoint, "/", source).await?;
@@ -191,7 +193,7 @@ pub async fn connect(
                 sink.send(Message::Binary(mqtt_subscribe(&format!("u/{id}")))).await?;
                 reader.mqtt_expect(0x90).await.context("SUBACK")?;
             }
-            Ok((Writer { system: System::Mosquitto, sink }, reader))
+            Ok((Writer { system: System::Mosquitto, sink, ack: true }, reader))
         }
     }
 }
@@ -232,6 +234,11 @@ pub async fn connect_channel(
 }
 
 impl Writer {
+    /// Switchboard: whether sends ask for an `ack` (peers never answer a publish).
+    pub fn set_ack(&mut self, ack: bool) {
+        self.ack = ack;
+    }
+
     /// Queues `payload` for every subscriber of `channel`.
     pub async fn feed_channel(&mut self, channel: &str, payload: &[u8]) -> anyhow::Result<()> {
         let msg = match self.system {
@@ -267,6 +274,9 @@ impl Writer {
                 frame.push_str(to);
                 frame.push_str("\",\"data\":");
                 frame.push_str(std::str::from_utf8(payload)?);
+                if !self.ack {
+                    frame.push_str(",\"ack\":false");
+                }
                 frame.push('}');
                 Message::Text(Utf8Bytes::from(frame))
             }

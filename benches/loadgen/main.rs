@@ -166,23 +166,39 @@ async fn main() -> anyhow::Result<()> {
 
     if run(Scenario::Direct) {
         let pairs = if args.smoke { 4 } else { args.pairs };
-        let opts = DirectOpts { pairs, warmup, duration, payload: args.payload, window: 64, rate: None };
+        let opts = DirectOpts { pairs, warmup, duration, payload: args.payload, window: 64, rate: None, ack: true };
         for &system in &systems {
             let server = target::start(system)?;
             progress(&format!("direct: {pairs} pairs, max rate, {}", system.name()));
             let r = scenarios::direct(&server, &server.endpoint, "max", &opts).await?;
-            if system == System::Switchboard {
-                // Latency at half the peak rate, on a fresh server.
-                drop(server);
+            report.direct.push(r);
+            if system != System::Switchboard {
+                continue;
+            }
+            drop(server);
+            // Latency at half the peak rate; then the same two runs with sends that ask for
+            // no ack, which is what the peers' publishes are. Each on a fresh server.
+            for (ack, suffix) in [(true, ""), (false, ", no ack")] {
+                let opts = DirectOpts { ack, ..opts.clone() };
+                let peak = if ack {
+                    report.direct.last().expect("the max run").msgs_per_sec
+                } else {
+                    let server = target::start(system)?;
+                    progress(&format!("direct: {pairs} pairs, max rate, {}{suffix}", system.name()));
+                    let r = scenarios::direct(&server, &server.endpoint, &format!("max{suffix}"), &opts).await?;
+                    let peak = r.msgs_per_sec;
+                    report.direct.push(r);
+                    peak
+                };
                 let server = target::start(system)?;
-                let half = (r.msgs_per_sec / 2.0).max(100.0);
-                progress(&format!("direct: {pairs} pairs at {half:.0} msg/s (half of peak), {}", system.name()));
-                let paced = DirectOpts { rate: Some(half), window: 10_000, ..opts.clone() };
-                let h = scenarios::direct(&server, &server.endpoint, "half-peak", &paced).await?;
-                report.direct.push(r);
-                report.direct.push(h);
-            } else {
-                report.direct.push(r);
+                let half = (peak / 2.0).max(100.0);
+                progress(&format!(
+                    "direct: {pairs} pairs at {half:.0} msg/s (half of peak), {}{suffix}",
+                    system.name()
+                ));
+                let paced = DirectOpts { rate: Some(half), window: 10_000, ..opts };
+                let label = format!("half-peak{suffix}");
+                report.direct.push(scenarios::direct(&server, &server.endpoint, &label, &paced).await?);
             }
         }
     }
@@ -263,7 +279,7 @@ async fn plugins(args: &Args, warmup: Duration, duration: Duration, report: &mut
         e
     };
     let pairs = if args.smoke { 4 } else { args.pairs };
-    let opts = DirectOpts { pairs, warmup, duration, payload: args.payload, window: 64, rate: None };
+    let opts = DirectOpts { pairs, warmup, duration, payload: args.payload, window: 64, rate: None, ack: true };
     // The variants take turns, `repeat` rounds, and each reports its median round: the
     // machine's load drifts, and interleaving spreads the drift over all of them.
     let variants = [(0, target::APP), (1, "f1"), (3, "f3")];
@@ -302,7 +318,7 @@ async fn plugins(args: &Args, warmup: Duration, duration: Duration, report: &mut
 /// against both on the same node; and what the third node, which holds nobody, spends.
 async fn cluster(args: &Args, warmup: Duration, duration: Duration, report: &mut Report) -> anyhow::Result<()> {
     let pairs = if args.smoke { 4 } else { args.pairs };
-    let opts = DirectOpts { pairs, warmup, duration, payload: args.payload, window: 64, rate: None };
+    let opts = DirectOpts { pairs, warmup, duration, payload: args.payload, window: 64, rate: None, ack: true };
     for cross in [true, false] {
         let nats = target::start_nats_jetstream()?;
         let url = format!("nats://{}", nats.nats_client.expect("nats client port"));
@@ -335,12 +351,13 @@ async fn cluster(args: &Args, warmup: Duration, duration: Duration, report: &mut
 
 fn ratios(report: &mut Report) {
     let mut out = Vec::new();
-    let find_direct = |system: &str| report.direct.iter().find(|r| r.system == system && r.label == "max");
-    if let Some(sb) = find_direct("switchboard") {
+    let find_direct = |system: &str, label: &str| report.direct.iter().find(|r| r.system == system && r.label == label);
+    for (label, what) in [("max", "switchboard"), ("max, no ack", "switchboard (no ack)")] {
+        let Some(sb) = find_direct("switchboard", label) else { continue };
         for peer in ["nats-server", "mosquitto"] {
-            if let Some(p) = find_direct(peer) {
+            if let Some(p) = find_direct(peer, "max") {
                 out.push(Ratio {
-                    what: format!("direct msg/s switchboard/{peer}"),
+                    what: format!("direct msg/s {what}/{peer}"),
                     ratio: sb.msgs_per_sec / p.msgs_per_sec,
                 });
             }

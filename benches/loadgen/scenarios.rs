@@ -123,6 +123,9 @@ pub struct DirectOpts {
     pub window: u64,
     /// Total messages per second over all pairs; `None` is as fast as possible.
     pub rate: Option<f64>,
+    /// Switchboard: whether every send asks for an `ack` (`false` sends `"ack": false`, the
+    /// fire-and-forget the peers' QoS 0 and plain PUB are).
+    pub ack: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -215,6 +218,7 @@ pub async fn direct_between(
         let (mut writer, reader) = client::connect(send_at, &format!("s{i}"), false, source(opts.pairs + i))
             .await
             .with_context(|| format!("sender s{i}"))?;
+        writer.set_ack(opts.ack);
         // Switchboard acknowledges every send: read those away, counting refusals.
         let counted = state.clone();
         tokio::spawn(reader.drain_counting_errors(move || {

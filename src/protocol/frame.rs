@@ -27,6 +27,8 @@ pub struct ChannelFrame<'a> {
     pub channel: Cow<'a, str>,
     pub data: Option<&'a RawValue>,
     pub client_id: Option<Cow<'a, str>>,
+    /// `publish` only: whether an accepted message is answered with an `ack`.
+    pub ack: bool,
 }
 
 #[derive(Debug)]
@@ -41,6 +43,9 @@ pub struct SendFrame<'a> {
     /// The message body exactly as the client wrote it.
     pub data: &'a RawValue,
     pub client_id: Option<Cow<'a, str>>,
+    /// Whether an accepted message is answered with an `ack` (`"ack": false`: fire and
+    /// forget, like MQTT QoS 0; refusals are still answered with an `error`).
+    pub ack: bool,
 }
 
 /// Why a frame was refused, with the `client_id` to echo when the frame had a readable one.
@@ -69,6 +74,8 @@ struct Wire<'a> {
     token: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     channel: Option<Cow<'a, str>>,
+    #[serde(default)]
+    ack: Option<bool>,
 }
 
 /// Whether `bytes` starts (after whitespace) like a JSON object. serde reads a struct from
@@ -129,7 +136,7 @@ pub fn decode_client_frame(bytes: &[u8]) -> Result<ClientFrame<'_>, DecodeError>
             let Some(data) = wire.data else {
                 return Err(fail(ErrorCode::InvalidFrame, "send frame needs \"data\"", &wire.client_id));
             };
-            Ok(ClientFrame::Send(SendFrame { to, data, client_id: wire.client_id }))
+            Ok(ClientFrame::Send(SendFrame { to, data, client_id: wire.client_id, ack: wire.ack.unwrap_or(true) }))
         }
         "connect" => match (wire.app_id, wire.token) {
             (Some(app_id), Some(token)) => Ok(ClientFrame::Connect(ConnectFrame { app_id, token })),
@@ -150,7 +157,8 @@ pub fn decode_client_frame(bytes: &[u8]) -> Result<ClientFrame<'_>, DecodeError>
             if ty == "publish" && wire.data.is_none() {
                 return Err(fail(ErrorCode::InvalidFrame, "publish frame needs \"data\"", &wire.client_id));
             }
-            let frame = ChannelFrame { channel, data: wire.data, client_id: wire.client_id };
+            let frame =
+                ChannelFrame { channel, data: wire.data, client_id: wire.client_id, ack: wire.ack.unwrap_or(true) };
             Ok(match ty {
                 "subscribe" => ClientFrame::Subscribe(frame),
                 "unsubscribe" => ClientFrame::Unsubscribe(frame),
@@ -329,6 +337,21 @@ mod tests {
         let ClientFrame::Send(s) = f else { panic!() };
         assert_eq!(s.to, "bob");
         assert_eq!(s.data.get(), r#"{"text":"hi"}"#);
+    }
+
+    #[test]
+    fn ack_is_asked_for_unless_turned_off() {
+        let ack = |b: &[u8]| match decode_client_frame(b).unwrap() {
+            ClientFrame::Send(s) => s.ack,
+            ClientFrame::Publish(c) => c.ack,
+            other => panic!("{other:?}"),
+        };
+        assert!(ack(br#"{"to":"bob","data":1}"#));
+        assert!(ack(br#"{"to":"bob","data":1,"ack":true}"#));
+        assert!(!ack(br#"{"to":"bob","data":1,"ack":false}"#));
+        assert!(!ack(br#"{"type":"publish","channel":"c","data":1,"ack":false}"#));
+        let e = decode_client_frame(br#"{"to":"bob","data":1,"ack":0}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidFrame);
     }
 
     #[test]

@@ -392,6 +392,7 @@ impl<T: FrameIo> Session<T> {
                     return self.rate_limited(client_id).await;
                 }
                 match self.hub.send_direct(&self.app, &self.uid, &self.metadata, &send.to, send.data).await {
+                    Ok(_) if !send.ack => Ok(()),
                     Ok(sent) => self.ack(client_id, sent).await,
                     Err(refused) => self.error(refused.code, &refused.message, client_id).await,
                 }
@@ -432,6 +433,7 @@ impl<T: FrameIo> Session<T> {
                 let data = c.data.expect("decode requires data on publish");
                 let max = self.hub.config().limits.max_frame_bytes;
                 match self.hub.publish_channel(&self.app, &self.uid, &self.metadata, &c.channel, data, max).await {
+                    Ok(_) if !c.ack => Ok(()),
                     Ok(sent) => self.ack(client_id, sent).await,
                     Err(refused) => self.error(refused.code, &refused.message, client_id).await,
                 }
