@@ -433,15 +433,13 @@ impl Hub {
         &self,
         app: &App,
         msg: &FilterMessage<'_>,
+        data: &RawValue,
         channel: Option<&str>,
         max_bytes: usize,
     ) -> Result<Frame, Refused> {
+        debug_assert_eq!(msg.data, data.get());
         let rewritten = self.filter(msg, max_bytes).inspect_err(|refused| app.metrics.denied(refused.code))?;
-        let data = match &rewritten {
-            Some(r) => r.get(),
-            None => msg.data,
-        };
-        let data: &RawValue = serde_json::from_str(data).expect("filters only pass valid JSON on");
+        let data = rewritten.as_deref().unwrap_or(data);
         let conversation = match channel {
             Some(c) => format!("c:{c}"),
             None => conversation_id(&app.id, msg.from, msg.to),
@@ -468,8 +466,8 @@ impl Hub {
         to: &str,
         data: &RawValue,
     ) -> Result<Sent, Refused> {
-        let msg_id = self.ids.next();
         let send_at = now_ms();
+        let msg_id = self.ids.next_at(send_at);
         let msg = FilterMessage {
             app_id: &app.id,
             from,
@@ -480,7 +478,7 @@ impl Hub {
             send_at,
             sender_metadata: from_metadata,
         };
-        let frame = self.prepare(app, &msg, None, self.config.limits.max_frame_bytes)?;
+        let frame = self.prepare(app, &msg, data, None, self.config.limits.max_frame_bytes)?;
         let delivery = self.deliver(Target::User { app: &app.id, uid: to }, &frame).await;
         Ok(Sent { msg_id, send_at, delivery })
     }
@@ -496,8 +494,8 @@ impl Hub {
         data: &RawValue,
         max_bytes: usize,
     ) -> Result<Sent, Refused> {
-        let msg_id = self.ids.next();
         let send_at = now_ms();
+        let msg_id = self.ids.next_at(send_at);
         let msg = FilterMessage {
             app_id: &app.id,
             from,
@@ -508,7 +506,7 @@ impl Hub {
             send_at,
             sender_metadata: from_metadata,
         };
-        let frame = self.prepare(app, &msg, Some(channel), max_bytes)?;
+        let frame = self.prepare(app, &msg, data, Some(channel), max_bytes)?;
         let delivery = self.deliver(Target::Channel { app: &app.id, channel }, &frame).await;
         Ok(Sent { msg_id, send_at, delivery })
     }
@@ -523,8 +521,8 @@ impl Hub {
         data: &RawValue,
     ) -> (String, u64, Vec<Recipient>) {
         app.metrics.from_push.inc();
-        let msg_id = self.ids.next();
         let send_at = now_ms();
+        let msg_id = self.ids.next_at(send_at);
         let max_bytes = self.config.limits.max_http_body_bytes;
         let mut deliveries = Vec::with_capacity(recipients.len());
         for to in recipients {
@@ -538,7 +536,7 @@ impl Hub {
                 send_at,
                 sender_metadata: &[],
             };
-            deliveries.push(match self.prepare(app, &msg, None, max_bytes) {
+            deliveries.push(match self.prepare(app, &msg, data, None, max_bytes) {
                 Ok(frame) => Ok(self.deliver(Target::User { app: &app.id, uid: to }, &frame).await),
                 Err(refused) => Err(refused),
             });

@@ -251,12 +251,11 @@ impl ServerFrame<'_> {
 }
 
 /// A message as it is delivered: the `message` frame's fields.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy)]
 pub struct Envelope<'a> {
     pub from: &'a str,
     pub to: &'a str,
     /// The channel, for a channel message (`to` is the channel too).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub channel: Option<&'a str>,
     pub event: u16,
     pub data: &'a RawValue,
@@ -265,16 +264,36 @@ pub struct Envelope<'a> {
     pub conversation_id: &'a str,
 }
 
+/// The whole `message` frame, `"type":"message"` first. Written out rather than derived with
+/// a flattened envelope: flattening serialises through a map, and this runs per message.
+impl Serialize for Envelope<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut m = s.serialize_struct("message", 9)?;
+        m.serialize_field("type", "message")?;
+        m.serialize_field("from", self.from)?;
+        m.serialize_field("to", self.to)?;
+        match self.channel {
+            Some(channel) => m.serialize_field("channel", channel)?,
+            None => m.skip_field("channel")?,
+        }
+        m.serialize_field("event", &self.event)?;
+        m.serialize_field("data", self.data)?;
+        m.serialize_field("msg_id", self.msg_id)?;
+        m.serialize_field("send_at", &self.send_at)?;
+        m.serialize_field("conversation_id", self.conversation_id)?;
+        m.end()
+    }
+}
+
 /// Encodes the `message` frame once; the bytes are shared by every connection it goes to.
 pub fn encode_message(envelope: &Envelope<'_>) -> Frame {
-    #[derive(Serialize)]
-    struct Tagged<'a> {
-        #[serde(rename = "type")]
-        ty: &'static str,
-        #[serde(flatten)]
-        envelope: &'a Envelope<'a>,
-    }
-    Frame::from(serde_json::to_string(&Tagged { ty: "message", envelope }).expect("message serialises"))
+    // The fixed keys and punctuation take under 120 bytes.
+    let e = envelope;
+    let fields = [e.from, e.to, e.channel.unwrap_or(""), e.data.get(), e.msg_id, e.conversation_id];
+    let mut out = Vec::with_capacity(160 + fields.iter().map(|f| f.len()).sum::<usize>());
+    serde_json::to_writer(&mut out, envelope).expect("message serialises");
+    Frame::from(String::from_utf8(out).expect("serde_json writes UTF-8"))
 }
 
 /// One encoded server frame: JSON text, known to be UTF-8 (so no transport validates it
@@ -399,6 +418,20 @@ mod tests {
         assert_eq!(
             bytes.as_str(),
             r#"{"type":"message","from":"alice","to":"bob","event":1,"data":{"z":1,  "a":[true]},"msg_id":"m1","send_at":7,"conversation_id":"d:x"}"#
+        );
+        let channel = encode_message(&Envelope {
+            from: "a\"b",
+            to: "room:1",
+            channel: Some("room:1"),
+            event: 2,
+            data: &data,
+            msg_id: "m2",
+            send_at: 8,
+            conversation_id: "c:room:1",
+        });
+        assert_eq!(
+            channel.as_str(),
+            r#"{"type":"message","from":"a\"b","to":"room:1","channel":"room:1","event":2,"data":{"z":1,  "a":[true]},"msg_id":"m2","send_at":8,"conversation_id":"c:room:1"}"#
         );
     }
 

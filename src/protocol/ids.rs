@@ -28,13 +28,21 @@ impl MsgIdGen {
     }
 
     pub fn next(&self) -> String {
-        let floor = now_ms() << 16;
+        self.next_at(now_ms())
+    }
+
+    /// The next id, given the current time in milliseconds since the Unix epoch.
+    pub fn next_at(&self, now_ms: u64) -> String {
+        let floor = now_ms << 16;
         let prev = self
             .last
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |prev| Some((prev + 1).max(floor)))
             .expect("closure always returns Some");
         let id = (prev + 1).max(floor);
-        format!("{id:016x}{:08x}", self.node_tag)
+        let mut text = [0u8; 24];
+        hex::encode_to_slice(id.to_be_bytes(), &mut text[..16]).expect("8 bytes are 16 hex digits");
+        hex::encode_to_slice(self.node_tag.to_be_bytes(), &mut text[16..]).expect("4 bytes are 8 hex digits");
+        std::str::from_utf8(&text).expect("hex digits are ASCII").to_string()
     }
 }
 
@@ -68,6 +76,16 @@ mod tests {
             assert!(id > prev, "{id} <= {prev}");
             prev = id;
         }
+    }
+
+    #[test]
+    fn ids_are_time_sequence_and_node_in_hex() {
+        let g = MsgIdGen::new("n1");
+        let tag = &g.next_at(1)[16..];
+        assert_eq!(g.next_at(0x0123_4567_89ab), format!("0123456789ab0000{tag}"));
+        // Within the same millisecond the sequence counts up.
+        assert_eq!(g.next_at(0x0123_4567_89ab), format!("0123456789ab0001{tag}"));
+        assert!(tag.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
     }
 
     #[test]
