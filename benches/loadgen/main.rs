@@ -64,6 +64,9 @@ struct Args {
     /// Connections to hold in `connections` (default: as many as the open-file limit allows, up to 100000).
     #[arg(long)]
     connections: Option<usize>,
+    /// Handshakes in flight at once in `connections`.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
     /// Sender/receiver pairs in `direct`.
     #[arg(long, default_value_t = 64)]
     pairs: usize,
@@ -159,7 +162,7 @@ async fn main() -> anyhow::Result<()> {
         for &system in &systems {
             let server = target::start(system)?;
             progress(&format!("connections: {n} to {}", system.name()));
-            let r = scenarios::connections(&server, &server.endpoint, "idle", n, 256).await?;
+            let r = scenarios::connections(&server, &server.endpoint, "idle", n, args.concurrency).await?;
             report.connections.push(r);
         }
     }
