@@ -16,7 +16,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::value::RawValue;
 use switchboard::cluster::{Addrs, NodeInfo};
 use switchboard::config::Config;
-use switchboard::hub::Hub;
+use switchboard::hub::{Hub, Sender};
 use switchboard::plugin::PluginSet;
 use switchboard::registry::SessionHandle;
 use switchboard::session::ConnectRequest;
@@ -74,7 +74,10 @@ fn send_direct(c: &mut Criterion) {
                 rt.block_on(async {
                     let start = Instant::now();
                     for _ in 0..iters {
-                        let sent = hub.send_direct(&app, "alice", &[], "bob", &data).await.unwrap();
+                        let sent = hub
+                            .send_direct(&app, Sender { uid: "alice", metadata: &[], wants_count: true }, "bob", &data)
+                            .await
+                            .unwrap();
                         assert_eq!(sent.delivery.local.sessions, 1);
                         let frame = rx.try_recv().unwrap();
                         handle.control.dequeued(&frame);

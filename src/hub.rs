@@ -88,6 +88,17 @@ pub struct Sent {
     pub delivery: Delivery,
 }
 
+/// Who sends a client message, and whether they want to know where it went.
+#[derive(Debug, Clone, Copy)]
+pub struct Sender<'a> {
+    pub uid: &'a str,
+    /// The connection's metadata, for filters.
+    pub metadata: &'a [(String, String)],
+    /// Whether the delivery count is wanted (an `ack`). Without it, other nodes of a
+    /// cluster are not asked for theirs.
+    pub wants_count: bool,
+}
+
 /// Where a message went: this node's sessions now, the other nodes' answers to come.
 #[derive(Debug)]
 pub struct Delivery {
@@ -101,6 +112,8 @@ pub enum RemoteDelivery {
     Single,
     /// Published; the other nodes' answers are being collected.
     Pending(Pending),
+    /// Published without asking the other nodes for counts (the sender wants no `ack`).
+    Unanswered,
     /// NATS is unreachable: nothing could be sent to other nodes.
     Unavailable,
 }
@@ -136,7 +149,7 @@ impl Delivery {
         let mut delivered = self.local;
         let mut cluster_unavailable = false;
         match self.remote {
-            RemoteDelivery::Single => {}
+            RemoteDelivery::Single | RemoteDelivery::Unanswered => {}
             RemoteDelivery::Unavailable => cluster_unavailable = true,
             RemoteDelivery::Pending(p) => match p.wait().await {
                 Remote::Nobody => {}
@@ -415,11 +428,15 @@ impl Hub {
     }
 
     /// Delivers `frame` to `target` on this node and, in a cluster, publishes it to the
-    /// other nodes that hold the target.
-    async fn deliver(&self, target: Target<'_>, frame: &Frame) -> Delivery {
+    /// other nodes that hold the target (asking for their counts when `wants_count`).
+    async fn deliver(&self, target: Target<'_>, frame: &Frame, wants_count: bool) -> Delivery {
         let local = self.deliver_local(target, frame);
         let remote = match self.cluster.get() {
             None => RemoteDelivery::Single,
+            Some(cluster) if !wants_count => match cluster.publish_unanswered(target, frame).await {
+                true => RemoteDelivery::Unanswered,
+                false => RemoteDelivery::Unavailable,
+            },
             Some(cluster) => match cluster.publish(target, frame).await {
                 Some(pending) => RemoteDelivery::Pending(pending),
                 None => RemoteDelivery::Unavailable,
@@ -458,28 +475,21 @@ impl Hub {
 
     /// Delivers a direct message from `from` to every connection of `to` in `app`, on every
     /// node, after the app's filters.
-    pub async fn send_direct(
-        &self,
-        app: &App,
-        from: &str,
-        from_metadata: &[(String, String)],
-        to: &str,
-        data: &RawValue,
-    ) -> Result<Sent, Refused> {
+    pub async fn send_direct(&self, app: &App, from: Sender<'_>, to: &str, data: &RawValue) -> Result<Sent, Refused> {
         let send_at = now_ms();
         let msg_id = self.ids.next_at(send_at);
         let msg = FilterMessage {
             app_id: &app.id,
-            from,
+            from: from.uid,
             to,
             event: EVENT_DIRECT,
             data: data.get(),
             msg_id: &msg_id,
             send_at,
-            sender_metadata: from_metadata,
+            sender_metadata: from.metadata,
         };
         let frame = self.prepare(app, &msg, data, None, self.config.limits.max_frame_bytes)?;
-        let delivery = self.deliver(Target::User { app: &app.id, uid: to }, &frame).await;
+        let delivery = self.deliver(Target::User { app: &app.id, uid: to }, &frame, from.wants_count).await;
         Ok(Sent { msg_id, send_at, delivery })
     }
 
@@ -488,8 +498,7 @@ impl Hub {
     pub async fn publish_channel(
         &self,
         app: &App,
-        from: &str,
-        from_metadata: &[(String, String)],
+        from: Sender<'_>,
         channel: &str,
         data: &RawValue,
         max_bytes: usize,
@@ -498,16 +507,16 @@ impl Hub {
         let msg_id = self.ids.next_at(send_at);
         let msg = FilterMessage {
             app_id: &app.id,
-            from,
+            from: from.uid,
             to: channel,
             event: EVENT_CHANNEL,
             data: data.get(),
             msg_id: &msg_id,
             send_at,
-            sender_metadata: from_metadata,
+            sender_metadata: from.metadata,
         };
         let frame = self.prepare(app, &msg, data, Some(channel), max_bytes)?;
-        let delivery = self.deliver(Target::Channel { app: &app.id, channel }, &frame).await;
+        let delivery = self.deliver(Target::Channel { app: &app.id, channel }, &frame, from.wants_count).await;
         Ok(Sent { msg_id, send_at, delivery })
     }
 
@@ -537,7 +546,7 @@ impl Hub {
                 sender_metadata: &[],
             };
             deliveries.push(match self.prepare(app, &msg, data, None, max_bytes) {
-                Ok(frame) => Ok(self.deliver(Target::User { app: &app.id, uid: to }, &frame).await),
+                Ok(frame) => Ok(self.deliver(Target::User { app: &app.id, uid: to }, &frame, true).await),
                 Err(refused) => Err(refused),
             });
         }

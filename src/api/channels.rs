@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 
 use super::push::{is_zero, sender, verify_signed};
 use super::{ApiError, ErrorBody};
-use crate::hub::{App, Hub};
+use crate::hub::{App, Hub, Sender};
 use crate::protocol::{looks_like_object, valid_channel};
 
 /// A channel publish, signed like a push.
@@ -104,7 +104,8 @@ async fn publish_checked(
     signed.commit(hub, &req.nonce)?;
     signed.app.metrics.from_channel_api.inc();
     let max_bytes = hub.config().limits.max_http_body_bytes;
-    match hub.publish_channel(signed.app, from, &[], channel, req.message, max_bytes).await {
+    let from = Sender { uid: from, metadata: &[], wants_count: true };
+    match hub.publish_channel(signed.app, from, channel, req.message, max_bytes).await {
         Ok(sent) => {
             let outcome = sent.delivery.finish().await;
             Ok(Json(PublishResponse {

@@ -413,6 +413,24 @@ impl Cluster {
         }
     }
 
+    /// Publishes a message to the nodes holding `target` without a reply subject: they
+    /// deliver it and answer nothing. False when NATS is unreachable right now.
+    pub async fn publish_unanswered(&self, target: Target<'_>, frame: &Frame) -> bool {
+        if !self.is_connected() {
+            return false;
+        }
+        match self.client.publish(self.subject(target), envelope(target, frame)).await {
+            Ok(()) => {
+                self.sent.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                debug!(error = %e, "cannot publish to the cluster");
+                false
+            }
+        }
+    }
+
     /// Flushes what was published, so that tests and shutdown know it left this node.
     pub async fn flush(&self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;

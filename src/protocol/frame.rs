@@ -74,8 +74,9 @@ struct Wire<'a> {
     token: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     channel: Option<Cow<'a, str>>,
-    #[serde(default)]
-    ack: Option<bool>,
+    /// Read raw so that only `send` and `publish` give it a meaning (and a type).
+    #[serde(borrow, default)]
+    ack: Option<&'a RawValue>,
 }
 
 /// Whether `bytes` starts (after whitespace) like a JSON object. serde reads a struct from
@@ -116,6 +117,11 @@ pub fn decode_client_frame(bytes: &[u8]) -> Result<ClientFrame<'_>, DecodeError>
     {
         return Err(fail(ErrorCode::InvalidFrame, "client_id is longer than 64 bytes", &None));
     }
+    let ack = || match wire.ack.map(RawValue::get) {
+        None | Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(_) => Err(fail(ErrorCode::InvalidFrame, "\"ack\" must be true or false", &wire.client_id)),
+    };
     let ty = match wire.ty.as_deref() {
         Some(ty) => ty,
         None if wire.to.is_some() => "send",
@@ -136,7 +142,8 @@ pub fn decode_client_frame(bytes: &[u8]) -> Result<ClientFrame<'_>, DecodeError>
             let Some(data) = wire.data else {
                 return Err(fail(ErrorCode::InvalidFrame, "send frame needs \"data\"", &wire.client_id));
             };
-            Ok(ClientFrame::Send(SendFrame { to, data, client_id: wire.client_id, ack: wire.ack.unwrap_or(true) }))
+            let ack = ack()?;
+            Ok(ClientFrame::Send(SendFrame { to, data, client_id: wire.client_id, ack }))
         }
         "connect" => match (wire.app_id, wire.token) {
             (Some(app_id), Some(token)) => Ok(ClientFrame::Connect(ConnectFrame { app_id, token })),
@@ -157,8 +164,8 @@ pub fn decode_client_frame(bytes: &[u8]) -> Result<ClientFrame<'_>, DecodeError>
             if ty == "publish" && wire.data.is_none() {
                 return Err(fail(ErrorCode::InvalidFrame, "publish frame needs \"data\"", &wire.client_id));
             }
-            let frame =
-                ChannelFrame { channel, data: wire.data, client_id: wire.client_id, ack: wire.ack.unwrap_or(true) };
+            let ack = if ty == "publish" { ack()? } else { true };
+            let frame = ChannelFrame { channel, data: wire.data, client_id: wire.client_id, ack };
             Ok(match ty {
                 "subscribe" => ClientFrame::Subscribe(frame),
                 "unsubscribe" => ClientFrame::Unsubscribe(frame),
@@ -369,8 +376,10 @@ mod tests {
         assert!(ack(br#"{"to":"bob","data":1,"ack":true}"#));
         assert!(!ack(br#"{"to":"bob","data":1,"ack":false}"#));
         assert!(!ack(br#"{"type":"publish","channel":"c","data":1,"ack":false}"#));
-        let e = decode_client_frame(br#"{"to":"bob","data":1,"ack":0}"#).unwrap_err();
-        assert_eq!(e.code, ErrorCode::InvalidFrame);
+        let e = decode_client_frame(br#"{"to":"bob","data":1,"ack":0,"client_id":"c1"}"#).unwrap_err();
+        assert_eq!((e.code, e.client_id.as_deref()), (ErrorCode::InvalidFrame, Some("c1")));
+        // Other frames ignore it, as they ignore every field they do not use.
+        assert!(matches!(decode_client_frame(br#"{"type":"ping","ack":"x"}"#), Ok(ClientFrame::Ping)));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{Instrument, debug, info_span};
 
-use crate::hub::{App, ConnGuard, Hub, Identity, Outcome, Sent};
+use crate::hub::{App, ConnGuard, Hub, Identity, Outcome, Sender, Sent};
 use crate::protocol::{ClientFrame, ErrorCode, Frame, ServerFrame, decode_client_frame};
 use crate::registry::{SessionControl, SessionHandle};
 use crate::transport::{FrameIo, Inbound, Outbound, ReadError, Transport};
@@ -391,7 +391,8 @@ impl<T: FrameIo> Session<T> {
                 if !self.bucket.try_take(Instant::now()) {
                     return self.rate_limited(client_id).await;
                 }
-                match self.hub.send_direct(&self.app, &self.uid, &self.metadata, &send.to, send.data).await {
+                let from = Sender { uid: &self.uid, metadata: &self.metadata, wants_count: send.ack };
+                match self.hub.send_direct(&self.app, from, &send.to, send.data).await {
                     Ok(_) if !send.ack => Ok(()),
                     Ok(sent) => self.ack(client_id, sent).await,
                     Err(refused) => self.error(refused.code, &refused.message, client_id).await,
@@ -432,7 +433,8 @@ impl<T: FrameIo> Session<T> {
                 }
                 let data = c.data.expect("decode requires data on publish");
                 let max = self.hub.config().limits.max_frame_bytes;
-                match self.hub.publish_channel(&self.app, &self.uid, &self.metadata, &c.channel, data, max).await {
+                let from = Sender { uid: &self.uid, metadata: &self.metadata, wants_count: c.ack };
+                match self.hub.publish_channel(&self.app, from, &c.channel, data, max).await {
                     Ok(_) if !c.ack => Ok(()),
                     Ok(sent) => self.ack(client_id, sent).await,
                     Err(refused) => self.error(refused.code, &refused.message, client_id).await,

@@ -5,7 +5,8 @@
 //! under the codec and reads from the socket into a buffer owned by the worker thread, up to
 //! [`CHUNK`] bytes per system call; the part the codec did not ask for yet is kept in a
 //! buffer of the connection's own that exists only while it holds bytes. Idle connections
-//! hold nothing; busy ones make one system call per burst.
+//! hold nothing; busy ones make one system call per burst (a session that stops reading,
+//! being pushed back, may keep up to one chunk).
 
 use std::cell::RefCell;
 use std::io;
@@ -56,6 +57,9 @@ impl<S> ReadAhead<S> {
 impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         if this.buffered() > 0 {
             this.take_rest(buf);
             return Poll::Ready(Ok(()));
@@ -63,7 +67,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         if buf.remaining() >= CHUNK {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
-        SCRATCH.with_borrow_mut(|scratch| {
+        SCRATCH.with(|scratch| {
+            // Taken already only if the inner stream is itself read through a ReadAhead on
+            // this thread: then read straight into the caller's buffer.
+            let Ok(mut scratch) = scratch.try_borrow_mut() else {
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            };
             let mut chunk = ReadBuf::new(&mut scratch[..]);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut chunk))?;
             let read = chunk.filled();
@@ -141,6 +150,31 @@ mod tests {
             }
         }
         assert_eq!(out, data);
+    }
+
+    /// Passes reads on in pieces of at most 100 bytes (as a TLS layer reads records).
+    struct Small<R>(R);
+
+    impl<R: AsyncRead + Unpin> AsyncRead for Small<R> {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            let mut piece = vec![0u8; buf.remaining().min(100)];
+            let mut small = ReadBuf::new(&mut piece);
+            ready!(Pin::new(&mut self.0).poll_read(cx, &mut small))?;
+            buf.put_slice(small.filled());
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn nested_read_aheads_share_the_thread_buffer_without_panicking() {
+        let data: Vec<u8> = (0..5000u32).map(|i| (i % 13) as u8).collect();
+        // The outer one holds the thread's buffer while the inner one is asked for 100 bytes.
+        let mut r = ReadAhead::new(Small(ReadAhead::new(&data[..])));
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, data);
+        let mut empty = [0u8; 0];
+        assert_eq!(r.read(&mut empty).await.unwrap(), 0);
     }
 
     #[tokio::test]
