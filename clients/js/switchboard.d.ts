@@ -93,6 +93,14 @@ export interface RequestOptions {
   timeoutMs?: number;
 }
 
+/**
+ * What `send` and `publish` resolve with under `{ack: false}`: the frame's client id, which
+ * an `error` event carries if the server refuses the message.
+ */
+export interface Unacknowledged {
+  client_id: string;
+}
+
 /** An answer from `GET /route`. */
 export interface RouteAnswer {
   tcp_addr: string;
@@ -222,6 +230,8 @@ export interface ErrorDetail {
   status?: number;
   /** A channel that could not be subscribed to again after a reconnect. */
   channel?: string;
+  /** The `client_id` of the frame the error answers, when no request waits for it. */
+  clientId?: string;
 }
 
 export interface SwitchboardEventMap {
@@ -281,13 +291,15 @@ export declare class SwitchboardClient extends EventTarget {
   close(): void;
 
   /** Sends `data` to user `to`; resolves with the ack. */
-  send(to: string, data: Json, options?: RequestOptions): Promise<AckFrame>;
+  send(to: string, data: Json, options: RequestOptions & { ack: false }): Promise<Unacknowledged>;
+  send(to: string, data: Json, options?: RequestOptions & { ack?: true }): Promise<AckFrame>;
   /** Subscribes to `channel` (kept across reconnects); resolves with the `subscribed` frame. */
   subscribe(channel: string, options?: RequestOptions): Promise<SubscribedFrame>;
   /** Unsubscribes from `channel`; resolves with the `unsubscribed` frame. */
   unsubscribe(channel: string, options?: RequestOptions): Promise<UnsubscribedFrame>;
   /** Publishes `data` to `channel` (the app needs `client_publish = true`); resolves with the ack. */
-  publish(channel: string, data: Json, options?: RequestOptions): Promise<AckFrame>;
+  publish(channel: string, data: Json, options: RequestOptions & { ack: false }): Promise<Unacknowledged>;
+  publish(channel: string, data: Json, options?: RequestOptions & { ack?: true }): Promise<AckFrame>;
 
   /** Adds `listener(detail)` for an event; returns a function that removes it. */
   on<K extends keyof SwitchboardDetailMap>(type: K, listener: (detail: SwitchboardDetailMap[K]) => void): () => void;

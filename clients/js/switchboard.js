@@ -288,6 +288,8 @@ export class SwitchboardClient extends EventTarget {
    * Sends `data` (any JSON value) to user `to` of the same app. Resolves with the server's
    * `ack` (`{msg_id, status, delivered, ...}`); rejects with a SwitchboardError whose `code` is
    * the server's error code, or `not_connected`, `connection_lost`, `timeout`, `closed`.
+   * With `{ack: false}`: fire and forget, resolved with `{client_id}` once handed to the
+   * socket; a refusal arrives later as an `error` event carrying that `clientId`.
    */
   send(to, data, options = {}) {
     return this.#request("send", { type: "send", to, data }, options);
@@ -314,7 +316,10 @@ export class SwitchboardClient extends EventTarget {
     return this.#request("unsubscribe", { type: "unsubscribe", channel }, options);
   }
 
-  /** Publishes `data` to `channel`; resolves with the `ack` (the app needs client_publish). */
+  /**
+   * Publishes `data` to `channel`; resolves with the `ack` (the app needs client_publish).
+   * `{ack: false}` works as on `send`.
+   */
   publish(channel, data, options = {}) {
     return this.#request("publish", { type: "publish", channel, data }, options);
   }
@@ -322,17 +327,27 @@ export class SwitchboardClient extends EventTarget {
   // ---------------------------------------------------------------------------------------
   // Requests
 
-  #request(kind, frame, { timeoutMs } = {}) {
+  #request(kind, frame, { timeoutMs, ack } = {}) {
     const conn = this.#conn;
     if (!conn) {
       return Promise.reject(new SwitchboardError("not_connected", `cannot ${kind}: the client is ${this.#state}`));
     }
     const clientId = `${this.#idPrefix}-${this.#nextId++}`;
+    // Only messages can go without an answer.
+    const unanswered = ack === false && (kind === "send" || kind === "publish");
     let text;
     try {
-      text = JSON.stringify({ ...frame, client_id: clientId });
+      text = JSON.stringify(unanswered ? { ...frame, client_id: clientId, ack: false } : { ...frame, client_id: clientId });
     } catch (e) {
       return Promise.reject(new SwitchboardError("invalid_data", `cannot encode the frame: ${e && e.message}`, { cause: e }));
+    }
+    if (unanswered) {
+      try {
+        conn.ws.send(text);
+      } catch (e) {
+        return Promise.reject(new SwitchboardError("connection_lost", `cannot ${kind}: ${e && e.message}`, { clientId, cause: e }));
+      }
+      return Promise.resolve({ client_id: clientId });
     }
     return new Promise((resolve, reject) => {
       const wait = timeoutMs === undefined ? this.#opts.requestTimeoutMs : timeoutMs;
@@ -392,6 +407,7 @@ export class SwitchboardClient extends EventTarget {
     const detail = { code: error.code, message: error.message, ...extra };
     if (error.frame) detail.frame = error.frame;
     if (error.status !== undefined) detail.status = error.status;
+    if (error.clientId !== undefined) detail.clientId = error.clientId;
     this.#emit("error", detail);
   }
 

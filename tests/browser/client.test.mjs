@@ -358,6 +358,34 @@ describe("requests", () => {
     c.close();
   });
 
+  test("ack: false sends without waiting; a later refusal is an error event with the client id", async () => {
+    const gw = new FakeGateway({
+      onFrame: (conn, frame) => {
+        if (frame.ack === false && frame.to === "nobody") {
+          conn.say({ type: "error", code: "invalid_recipient", message: "bad to", client_id: frame.client_id });
+        } else if (frame.ack !== false) {
+          conn.answer(frame);
+        }
+      },
+    });
+    const c = client(gw);
+    await c.connect();
+    const quiet = await c.send("bob", { typing: true }, { ack: false });
+    const sent = gw.last.ws.sent.find((f) => f.to === "bob");
+    assert.equal(sent.ack, false);
+    assert.equal(quiet.client_id, sent.client_id);
+    const refused = await c.send("nobody", 1, { ack: false });
+    await until(() => c.errors.length === 1, "the refusal as an error event");
+    assert.equal(c.errors[0].code, "invalid_recipient");
+    assert.equal(c.errors[0].clientId, refused.client_id);
+    // Other requests still wait for their answer, and ignore the option.
+    const sub = await c.subscribe("room", { ack: false });
+    assert.equal(sub.type, "subscribed");
+    assert.equal(gw.last.ws.sent.find((f) => f.type === "subscribe").ack, undefined);
+    assert.equal((await c.send("bob", 2)).type, "ack");
+    c.close();
+  });
+
   test("not_connected, timeout, connection_lost, closed", async () => {
     const gw = new FakeGateway({ onFrame: () => {} });
     const c = client(gw, { requestTimeoutMs: 20 });
