@@ -378,7 +378,7 @@ impl Hub {
         let plugins = self.plugins.load();
         let mut rewritten: Option<Box<RawValue>> = None;
         for pool in &plugins.app(msg.app_id).filters {
-            let data = rewritten.as_deref().map_or(msg.data, RawValue::get);
+            let data = rewritten.as_deref().unwrap_or(msg.data);
             match pool.filter(&FilterMessage { data, ..*msg }, max_bytes) {
                 Ok(Verdict::Allow) => {}
                 Ok(Verdict::Deny(reason)) => return Err(Refused { code: ErrorCode::Denied, message: reason }),
@@ -450,13 +450,11 @@ impl Hub {
         &self,
         app: &App,
         msg: &FilterMessage<'_>,
-        data: &RawValue,
         channel: Option<&str>,
         max_bytes: usize,
     ) -> Result<Frame, Refused> {
-        debug_assert_eq!(msg.data, data.get());
         let rewritten = self.filter(msg, max_bytes).inspect_err(|refused| app.metrics.denied(refused.code))?;
-        let data = rewritten.as_deref().unwrap_or(data);
+        let data = rewritten.as_deref().unwrap_or(msg.data);
         let conversation = match channel {
             Some(c) => format!("c:{c}"),
             None => conversation_id(&app.id, msg.from, msg.to),
@@ -483,12 +481,12 @@ impl Hub {
             from: from.uid,
             to,
             event: EVENT_DIRECT,
-            data: data.get(),
+            data,
             msg_id: &msg_id,
             send_at,
             sender_metadata: from.metadata,
         };
-        let frame = self.prepare(app, &msg, data, None, self.config.limits.max_frame_bytes)?;
+        let frame = self.prepare(app, &msg, None, self.config.limits.max_frame_bytes)?;
         let delivery = self.deliver(Target::User { app: &app.id, uid: to }, &frame, from.wants_count).await;
         Ok(Sent { msg_id, send_at, delivery })
     }
@@ -510,12 +508,12 @@ impl Hub {
             from: from.uid,
             to: channel,
             event: EVENT_CHANNEL,
-            data: data.get(),
+            data,
             msg_id: &msg_id,
             send_at,
             sender_metadata: from.metadata,
         };
-        let frame = self.prepare(app, &msg, data, Some(channel), max_bytes)?;
+        let frame = self.prepare(app, &msg, Some(channel), max_bytes)?;
         let delivery = self.deliver(Target::Channel { app: &app.id, channel }, &frame, from.wants_count).await;
         Ok(Sent { msg_id, send_at, delivery })
     }
@@ -540,12 +538,12 @@ impl Hub {
                 from,
                 to,
                 event: EVENT_DIRECT,
-                data: data.get(),
+                data,
                 msg_id: &msg_id,
                 send_at,
                 sender_metadata: &[],
             };
-            deliveries.push(match self.prepare(app, &msg, data, None, max_bytes) {
+            deliveries.push(match self.prepare(app, &msg, None, max_bytes) {
                 Ok(frame) => Ok(self.deliver(Target::User { app: &app.id, uid: to }, &frame, true).await),
                 Err(refused) => Err(refused),
             });

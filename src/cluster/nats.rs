@@ -399,27 +399,26 @@ impl Cluster {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         self.waiting.lock().expect("gather lock").insert(id, tx);
+        // Dropped unpublished, it takes its entry out of `waiting` again.
         let pending = Pending { cluster: self.clone(), id, rx };
         let reply = format!("{}.{id}", self.inbox);
-        match self.client.publish_with_reply(self.subject(target), reply, envelope(target, frame)).await {
-            Ok(()) => {
-                self.sent.fetch_add(1, Ordering::Relaxed);
-                Some(pending)
-            }
-            Err(e) => {
-                debug!(error = %e, "cannot publish to the cluster");
-                None
-            }
-        }
+        self.publish_envelope(target, frame, Some(reply)).await.then_some(pending)
     }
 
     /// Publishes a message to the nodes holding `target` without a reply subject: they
     /// deliver it and answer nothing. False when NATS is unreachable right now.
     pub async fn publish_unanswered(&self, target: Target<'_>, frame: &Frame) -> bool {
-        if !self.is_connected() {
-            return false;
-        }
-        match self.client.publish(self.subject(target), envelope(target, frame)).await {
+        self.is_connected() && self.publish_envelope(target, frame, None).await
+    }
+
+    /// Hands the envelope to the NATS client, with `reply` as its reply subject; counts it.
+    async fn publish_envelope(&self, target: Target<'_>, frame: &Frame, reply: Option<String>) -> bool {
+        let (subject, payload) = (self.subject(target), envelope(target, frame));
+        let published = match reply {
+            Some(reply) => self.client.publish_with_reply(subject, reply, payload).await,
+            None => self.client.publish(subject, payload).await,
+        };
+        match published {
             Ok(()) => {
                 self.sent.fetch_add(1, Ordering::Relaxed);
                 true

@@ -27,11 +27,8 @@ impl MsgIdGen {
         Self { last: AtomicU64::new(0), node_tag }
     }
 
-    pub fn next(&self) -> String {
-        self.next_at(now_ms())
-    }
-
-    /// The next id, given the current time in milliseconds since the Unix epoch.
+    /// The next id, given the current time in milliseconds since the Unix epoch (the
+    /// message's `send_at`, so that both come from one clock read).
     pub fn next_at(&self, now_ms: u64) -> String {
         let floor = now_ms << 16;
         let prev = self
@@ -69,9 +66,9 @@ mod tests {
     #[test]
     fn ids_increase_and_have_fixed_width() {
         let g = MsgIdGen::new("n1");
-        let mut prev = g.next();
+        let mut prev = g.next_at(now_ms());
         for _ in 0..10_000 {
-            let id = g.next();
+            let id = g.next_at(now_ms());
             assert_eq!(id.len(), 24);
             assert!(id > prev, "{id} <= {prev}");
             prev = id;
@@ -91,7 +88,7 @@ mod tests {
     #[test]
     fn ids_differ_between_nodes() {
         let (a, b) = (MsgIdGen::new("n1"), MsgIdGen::new("n2"));
-        assert_ne!(a.next()[16..], b.next()[16..]);
+        assert_ne!(a.next_at(1)[16..], b.next_at(1)[16..]);
     }
 
     #[test]
