@@ -168,8 +168,8 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if run(Scenario::Direct) {
-        let pairs = if args.smoke { 4 } else { args.pairs };
-        let opts = DirectOpts { pairs, warmup, duration, payload: args.payload, window: 64, rate: None, ack: true };
+        let opts = direct_opts(&args, warmup, duration);
+        let pairs = opts.pairs;
         for &system in &systems {
             // The peers' publishes are never answered; switchboard runs as it is used by
             // default (every send acknowledged) and again with `"ack": false`, like them.
@@ -271,8 +271,7 @@ async fn plugins(args: &Args, warmup: Duration, duration: Duration, report: &mut
         }
         e
     };
-    let pairs = if args.smoke { 4 } else { args.pairs };
-    let opts = DirectOpts { pairs, warmup, duration, payload: args.payload, window: 64, rate: None, ack: true };
+    let opts = direct_opts(args, warmup, duration);
     // The variants take turns, `repeat` rounds, and each reports its median round: the
     // machine's load drifts, and interleaving spreads the drift over all of them.
     let variants = [(0, target::APP), (1, "f1"), (3, "f3")];
@@ -310,8 +309,8 @@ async fn plugins(args: &Args, warmup: Duration, duration: Duration, report: &mut
 /// Three nodes over one NATS: `direct` with senders on one node and receivers on another,
 /// against both on the same node; and what the third node, which holds nobody, spends.
 async fn cluster(args: &Args, warmup: Duration, duration: Duration, report: &mut Report) -> anyhow::Result<()> {
-    let pairs = if args.smoke { 4 } else { args.pairs };
-    let opts = DirectOpts { pairs, warmup, duration, payload: args.payload, window: 64, rate: None, ack: true };
+    let opts = direct_opts(args, warmup, duration);
+    let pairs = opts.pairs;
     for cross in [true, false] {
         let nats = target::start_nats_jetstream()?;
         let url = format!("nats://{}", nats.nats_client.expect("nats client port"));
@@ -340,6 +339,13 @@ async fn cluster(args: &Args, warmup: Duration, duration: Duration, report: &mut
         report.cluster.push(r);
     }
     Ok(())
+}
+
+/// The `direct` settings every scenario built on it starts from: as fast as a window of 64
+/// messages in flight allows, every send acknowledged.
+fn direct_opts(args: &Args, warmup: Duration, duration: Duration) -> DirectOpts {
+    let pairs = if args.smoke { 4 } else { args.pairs };
+    DirectOpts { pairs, warmup, duration, payload: args.payload, window: 64, rate: None, ack: true }
 }
 
 fn ratios(report: &mut Report) {
