@@ -13,10 +13,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
-use super::push::{is_zero, sender, verify_signed};
+use super::push::{is_zero, object_body, sender, verify_signed};
 use super::{ApiError, ErrorBody};
 use crate::hub::{App, Hub, Sender};
-use crate::protocol::{looks_like_object, valid_channel};
+use crate::protocol::valid_channel;
 
 /// A channel publish, signed like a push.
 #[derive(Deserialize, ToSchema)]
@@ -90,11 +90,7 @@ async fn publish_checked(
     app: &mut Option<Arc<App>>,
 ) -> Result<Json<PublishResponse>, ApiError> {
     let body = body?;
-    if !looks_like_object(&body) {
-        return Err(ApiError::bad_request("invalid_body", "publish body must be a JSON object"));
-    }
-    let req: PublishBody<'_> = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("invalid_body", format!("publish body: {e}")))?;
+    let req: PublishBody<'_> = object_body(&body, "publish body")?;
     let signed = verify_signed(hub, headers, &body, &req.app_key, &req.nonce)?;
     *app = Some(signed.app.clone());
     if !valid_channel(channel) {

@@ -167,6 +167,15 @@ impl Signed<'_> {
     }
 }
 
+/// Reads a body that must be one JSON object (serde would also take an array for a
+/// struct); `what` names it in the `invalid_body` message.
+pub(super) fn object_body<'a, T: Deserialize<'a>>(body: &'a [u8], what: &str) -> Result<T, ApiError> {
+    if !looks_like_object(body) {
+        return Err(ApiError::bad_request("invalid_body", format!("{what} must be a JSON object")));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request("invalid_body", format!("{what}: {e}")))
+}
+
 /// A sender id given in a push body, checked.
 pub(super) fn sender<'a>(from: &'a Option<Cow<'a, str>>) -> Result<&'a str, ApiError> {
     let from = from.as_deref().unwrap_or("");
@@ -239,11 +248,7 @@ async fn push_checked(
     app: &mut Option<Arc<App>>,
 ) -> Result<Json<PushResponse>, ApiError> {
     let body = body?;
-    if !looks_like_object(&body) {
-        return Err(ApiError::bad_request("invalid_body", "push body must be a JSON object"));
-    }
-    let req: PushBody<'_> =
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("invalid_body", format!("push body: {e}")))?;
+    let req: PushBody<'_> = object_body(&body, "push body")?;
     let signed = verify_signed(hub, headers, &body, &req.app_key, &req.nonce)?;
     *app = Some(signed.app.clone());
 
