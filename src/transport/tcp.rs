@@ -6,13 +6,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{Sink, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_util::codec::{Framed, LengthDelimitedCodec, LengthDelimitedCodecError};
 use tokio_util::task::TaskTracker;
 
+use super::readahead::ReadAhead;
 use super::{Inbound, Outbound, ReadError, Transport};
 use crate::hub::Hub;
 use crate::protocol::{ClientFrame, ErrorCode, decode_client_frame};
@@ -20,6 +21,11 @@ use crate::session::{self, ConnectRequest};
 
 const PING_FRAME: &[u8] = br#"{"type":"ping"}"#;
 const LINGER_MAX_BYTES: usize = 256 * 1024;
+/// The read buffer a connection keeps: like the WebSocket codec's, small, because the node
+/// holds many idle connections ([`ReadAhead`] below makes the socket reads large).
+const READ_BUFFER: usize = 1024;
+/// Frames written are put on the wire once this many bytes wait, or at the flush.
+const WRITE_BATCH: usize = 16 * 1024;
 
 /// Adapts a byte stream with length-prefixed frames to [`FrameIo`](super::FrameIo).
 #[derive(Debug)]
@@ -36,7 +42,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TcpIo<S> {
             .big_endian()
             .max_frame_length(max_frame_bytes)
             .new_codec();
-        Self { inner: Framed::with_capacity(stream, codec, 2048), shut_down: false, drained: 0 }
+        let mut inner = Framed::with_capacity(stream, codec, READ_BUFFER);
+        // The write buffer grows with what is written instead of starting at its batch size:
+        // an idle connection then holds only as much as its largest write.
+        *inner.write_buffer_mut() = BytesMut::new();
+        inner.set_backpressure_boundary(WRITE_BATCH);
+        Self { inner, shut_down: false, drained: 0 }
     }
 }
 
@@ -158,7 +169,7 @@ pub async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, tracker: TaskTrac
         match accepted {
             Ok((stream, remote)) => {
                 let _ = stream.set_nodelay(true);
-                tracker.spawn(serve_connection(stream, remote, hub.clone()));
+                tracker.spawn(serve_connection(ReadAhead::new(stream), remote, hub.clone()));
             }
             Err(e) => super::accept_backoff(&e).await,
         }
