@@ -26,7 +26,11 @@ fn every_scenario_runs_in_smoke_mode() {
     if std::path::Path::new("/usr/sbin/mosquitto").exists() {
         expected.push("mosquitto".into());
     }
-    assert_eq!(systems("connections"), expected);
+    // Every system over WebSocket, then over plain TCP.
+    let twice: Vec<String> = expected.iter().flat_map(|s| [s.clone(), s.clone()]).collect();
+    assert_eq!(systems("connections"), twice);
+    let labels: Vec<&str> = r["connections"].as_array().unwrap().iter().map(|c| c["label"].as_str().unwrap()).collect();
+    assert!(labels.chunks(2).all(|pair| pair == ["idle", "idle, tcp"]), "{labels:?}");
 
     for c in r["connections"].as_array().unwrap() {
         assert_eq!((c["connections"].as_u64(), c["failed"].as_u64()), (Some(50), Some(0)), "{c}");
@@ -40,8 +44,13 @@ fn every_scenario_runs_in_smoke_mode() {
         );
     }
     let labels: Vec<&str> = r["direct"].as_array().unwrap().iter().map(|d| d["label"].as_str().unwrap()).collect();
-    for label in ["max", "half-peak", "max, no ack", "half-peak, no ack"] {
+    for label in ["max", "half-peak", "max, no ack", "half-peak, no ack", "max, tcp", "half-peak, tcp"] {
         assert!(labels.contains(&label), "{labels:?}");
+    }
+    for peer in &expected[1..] {
+        let runs = r["direct"].as_array().unwrap().iter().filter(|d| d["system"] == peer.as_str());
+        let labels: Vec<&str> = runs.map(|d| d["label"].as_str().unwrap()).collect();
+        assert_eq!(labels, ["max", "half-peak", "max, tcp", "half-peak, tcp"], "{peer}");
     }
     for d in r["direct"].as_array().unwrap() {
         assert_eq!(d["refused"].as_u64(), Some(0), "{d}");

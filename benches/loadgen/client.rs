@@ -2,6 +2,9 @@
 //! transport costs the same: switchboard's JSON frames, NATS's text protocol, MQTT 3.1.1
 //! (QoS 0). Each is the smallest correct client for the operations a scenario needs:
 //! connect (authenticated where the system has auth), subscribe, publish, receive.
+//! All three are also reached over plain TCP, to show what WebSocket costs on top:
+//! switchboard's TCP transport (the same JSON frames, each behind a 4-byte length), NATS's
+//! client port and MQTT's plain listener (their protocols as byte streams).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
@@ -11,12 +14,14 @@ use anyhow::{Context as _, anyhow, bail};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_util::codec::{BytesCodec, FramedRead, FramedWrite, LengthDelimitedCodec};
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -84,16 +89,37 @@ impl System {
     }
 }
 
+/// What carries a client's frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    WebSocket,
+    /// Plain TCP: switchboard's TCP transport (4-byte big-endian length, then the frame),
+    /// the peers' native listeners.
+    Tcp,
+}
+
 /// Where and how to connect.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     pub system: System,
     pub ws: SocketAddr,
+    /// The plain TCP listener: switchboard's TCP transport, NATS's client port, MQTT's.
+    pub tcp: Option<SocketAddr>,
+    /// Which of the two clients use.
+    pub wire: Wire,
     /// switchboard: the app and its secret (tokens are minted per user).
     pub app: String,
     pub secret: String,
     /// switchboard: mint hmac-auth plugin tokens with this key instead of JWTs.
     pub hmac_key: Option<String>,
+}
+
+impl Endpoint {
+    /// The same server reached over plain TCP.
+    pub fn over_tcp(&self) -> anyhow::Result<Endpoint> {
+        anyhow::ensure!(self.tcp.is_some(), "{} has no TCP transport", self.system.name());
+        Ok(Endpoint { wire: Wire::Tcp, ..self.clone() })
+    }
 }
 
 /// A token for `uid`: a JWT signed with the app's secret, or an hmac-auth plugin token.
@@ -114,15 +140,24 @@ fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0).max_message_size(Some(1 << 20))
 }
 
-/// Opens a TCP connection from `source` (an address in 127.0.0.0/8, so that many
-/// connections do not run out of one address's ephemeral ports) and upgrades it.
-async fn open(endpoint: &Endpoint, path: &str, source: Option<IpAddr>) -> anyhow::Result<Ws> {
-    let socket = if endpoint.ws.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+/// Opens a TCP connection to `to` from `source` (an address in 127.0.0.0/8, so that many
+/// connections do not run out of one address's ephemeral ports).
+async fn dial(to: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
+    let socket = if to.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if let Some(ip) = source {
+        // Leave the port to connect(), which only needs the 4-tuple to be unique; a bind to
+        // port 0 would look for a port free on that address alone.
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
         socket.bind(SocketAddr::new(ip, 0))?;
     }
-    let stream = socket.connect(endpoint.ws).await.with_context(|| format!("connect {}", endpoint.ws))?;
+    let stream = socket.connect(to).await.with_context(|| format!("connect {to}"))?;
     stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Dials the WebSocket listener and upgrades at `path`.
+async fn open(endpoint: &Endpoint, path: &str, source: Option<IpAddr>) -> anyhow::Result<Ws> {
+    let stream = dial(endpoint.ws, source).await?;
     let mut request = format!("ws://{}{path}", endpoint.ws).into_client_request()?;
     if endpoint.system == System::Mosquitto {
         request.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
@@ -131,10 +166,75 @@ async fn open(endpoint: &Endpoint, path: &str, source: Option<IpAddr>) -> anyhow
     Ok(ws)
 }
 
+/// How frames leave: WebSocket messages, length-prefixed on switchboard's TCP transport, or
+/// as they are on the peers' TCP listeners (over TCP text and binary are the same bytes).
+enum Out {
+    Ws(SplitSink<Ws, Message>),
+    Tcp(FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>),
+    Raw(FramedWrite<OwnedWriteHalf, BytesCodec>),
+}
+
+impl Out {
+    async fn feed(&mut self, msg: Message) -> anyhow::Result<()> {
+        match self {
+            Out::Ws(sink) => sink.feed(msg).await?,
+            Out::Tcp(sink) => sink.feed(msg.into_data()).await?,
+            Out::Raw(sink) => sink.feed(msg.into_data()).await?,
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, msg: Message) -> anyhow::Result<()> {
+        self.feed(msg).await?;
+        self.flush().await
+    }
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        match self {
+            Out::Ws(sink) => sink.flush().await?,
+            Out::Tcp(sink) => SinkExt::<Bytes>::flush(sink).await?,
+            Out::Raw(sink) => SinkExt::<Bytes>::flush(sink).await?,
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self) {
+        // Closing is best effort: the server may be gone already.
+        match self {
+            Out::Ws(sink) => drop(sink.close().await),
+            Out::Tcp(sink) => drop(SinkExt::<Bytes>::close(sink).await),
+            Out::Raw(sink) => drop(SinkExt::<Bytes>::close(sink).await),
+        }
+    }
+}
+
+/// How frames arrive (see [`Out`]).
+enum In {
+    Ws(SplitStream<Ws>),
+    Tcp(FramedRead<OwnedReadHalf, LengthDelimitedCodec>),
+    Raw(FramedRead<OwnedReadHalf, BytesCodec>),
+}
+
+/// Connects to `endpoint` on its wire: upgrading at `ws_path` on WebSocket.
+async fn halves(endpoint: &Endpoint, ws_path: &str, source: Option<IpAddr>) -> anyhow::Result<(Out, In)> {
+    if endpoint.wire == Wire::WebSocket {
+        let (sink, stream) = open(endpoint, ws_path, source).await?.split();
+        return Ok((Out::Ws(sink), In::Ws(stream)));
+    }
+    let to = endpoint.tcp.ok_or_else(|| anyhow!("{} has no TCP listener", endpoint.system.name()))?;
+    let (read, write) = dial(to, source).await?.into_split();
+    Ok(if endpoint.system == System::Switchboard {
+        let codec = || LengthDelimitedCodec::builder().max_frame_length(1 << 20).new_codec();
+        (Out::Tcp(FramedWrite::new(write, codec())), In::Tcp(FramedRead::new(read, codec())))
+    } else {
+        (Out::Raw(FramedWrite::new(write, BytesCodec::new())), In::Raw(FramedRead::new(read, BytesCodec::new())))
+    })
+}
+
 /// The sending half of a connection.
 pub struct Writer {
     system: System,
-    sink: SplitSink<Ws, Message>,
+    sink: Out,
     /// Switchboard: ask for an `ack` per send (the default).
     ack: bool,
 }
@@ -142,7 +242,7 @@ pub struct Writer {
 /// The receiving half; yields the frames that carried payloads.
 pub struct Reader {
     system: System,
-    stream: SplitStream<Ws>,
+    stream: In,
     /// NATS and MQTT are byte streams inside WebSocket messages: what is not yet a whole
     /// protocol message.
     buf: BytesMut,
@@ -160,8 +260,12 @@ pub async fn connect(
         System::Switchboard => {
             let token = token(endpoint, id);
             let path = format!("/ws/connect?app_id={}&token={token}", endpoint.app);
-            let ws = open(endpoint, &path, source).await?;
-            let (sink, stream) = ws.split();
+            let (mut sink, stream) = halves(endpoint, &path, source).await?;
+            if endpoint.wire == Wire::Tcp {
+                // Over TCP the credentials are the first frame.
+                let connect = serde_json::json!({"type": "connect", "app_id": endpoint.app, "token": token});
+                sink.send(Message::Text(connect.to_string().into())).await?;
+            }
             let mut reader = Reader { system: System::Switchboard, stream, buf: BytesMut::new() };
             let hello = reader.next_raw().await?.ok_or_else(|| anyhow!("closed before connected"))?;
             if !hello.starts_with(br#"{"type":"connected""#) {
@@ -170,8 +274,7 @@ pub async fn connect(
             Ok((Writer { system: System::Switchboard, sink, ack: true }, reader))
         }
         System::Nats => {
-            let ws = open(endpoint, "/", source).await?;
-            let (mut sink, stream) = ws.split();
+            let (mut sink, stream) = halves(endpoint, "/", source).await?;
             let mut reader = Reader { system: System::Nats, stream, buf: BytesMut::new() };
             let mut hello = String::from("CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1}\r\n");
             if subscribe {
@@ -184,8 +287,7 @@ pub async fn connect(
             Ok((Writer { system: System::Nats, sink, ack: true }, reader))
         }
         System::Mosquitto => {
-            let ws = open(endpoint, "/", source).await?;
-            let (mut sink, stream) = ws.split();
+            let (mut sink, stream) = halves(endpoint, "/", source).await?;
             let mut reader = Reader { system: System::Mosquitto, stream, buf: BytesMut::new() };
             sink.send(Message::Binary(mqtt_connect(id))).await?;
             reader.mqtt_expect(0x20).await.context("CONNACK")?;
@@ -260,8 +362,7 @@ impl Writer {
             }
             System::Mosquitto => Message::Binary(mqtt_publish(&format!("c/{channel}"), payload)),
         };
-        self.sink.feed(msg).await?;
-        Ok(())
+        self.sink.feed(msg).await
     }
 
     /// Sends `payload` to the user (switchboard) or topic (peers) `to`. `feed`s only:
@@ -289,25 +390,29 @@ impl Writer {
             }
             System::Mosquitto => Message::Binary(mqtt_publish(&format!("u/{to}"), payload)),
         };
-        self.sink.feed(msg).await?;
-        Ok(())
+        self.sink.feed(msg).await
     }
 
     pub async fn flush(&mut self) -> anyhow::Result<()> {
-        self.sink.flush().await?;
-        Ok(())
+        self.sink.flush().await
     }
 
     pub async fn close(mut self) {
-        let _ = self.sink.close().await;
+        self.sink.close().await;
     }
 }
 
 impl Reader {
-    /// The next WebSocket message's bytes (switchboard: one frame per message).
+    /// The next WebSocket message's (or TCP frame's) bytes (switchboard: one frame per
+    /// message).
     async fn next_raw(&mut self) -> anyhow::Result<Option<Bytes>> {
+        let stream = match &mut self.stream {
+            In::Ws(stream) => stream,
+            In::Tcp(frames) => return Ok(frames.next().await.transpose()?.map(BytesMut::freeze)),
+            In::Raw(bytes) => return Ok(bytes.next().await.transpose()?.map(BytesMut::freeze)),
+        };
         loop {
-            match self.stream.next().await {
+            match stream.next().await {
                 None => return Ok(None),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Text(t))) => return Ok(Some(Bytes::from(t))),

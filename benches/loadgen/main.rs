@@ -1,6 +1,7 @@
 //! switchboard's load generator: drives switchboard, and its peers nats-server and
 //! mosquitto over WebSocket, with the same client code and payloads in the same run, and
-//! prints a table (and JSON for scripts).
+//! prints a table (and JSON for scripts). `connections` and `direct` run every system over
+//! plain TCP as well.
 //!
 //! ```text
 //! loadgen [--smoke] [--json FILE] [--peers nats,mosquitto] <scenario>...
@@ -23,7 +24,7 @@ use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
 
-use client::{Endpoint, System};
+use client::{Endpoint, System, Wire};
 use scenarios::{ConnectionsResult, DirectOpts, DirectResult, FanoutResult, PushResult};
 use target::SwitchboardSetup;
 
@@ -160,10 +161,13 @@ async fn main() -> anyhow::Result<()> {
             (nofile.saturating_sub(1000) as usize).min(100_000)
         });
         for &system in &systems {
-            let server = target::start(system)?;
-            progress(&format!("connections: {n} to {}", system.name()));
-            let r = scenarios::connections(&server, &server.endpoint, "idle", n, args.concurrency).await?;
-            report.connections.push(r);
+            for (wire, label) in WIRES {
+                let server = target::start(system)?;
+                let endpoint = endpoint_over(&server, wire)?;
+                progress(&format!("connections: {n} to {}, {label}", system.name()));
+                let r = scenarios::connections(&server, &endpoint, label, n, args.concurrency).await?;
+                report.connections.push(r);
+            }
         }
     }
 
@@ -173,13 +177,18 @@ async fn main() -> anyhow::Result<()> {
         for &system in &systems {
             // The peers' publishes are never answered; switchboard runs as it is used by
             // default (every send acknowledged) and again with `"ack": false`, like them.
-            let variants: &[(bool, &str)] =
-                if system == System::Switchboard { &[(true, ""), (false, ", no ack")] } else { &[(true, "")] };
-            for &(ack, suffix) in variants {
+            // Then every system over plain TCP (switchboard acknowledging).
+            let variants: &[(Wire, bool, &str)] = if system == System::Switchboard {
+                &[(Wire::WebSocket, true, ""), (Wire::WebSocket, false, ", no ack"), (Wire::Tcp, true, ", tcp")]
+            } else {
+                &[(Wire::WebSocket, true, ""), (Wire::Tcp, true, ", tcp")]
+            };
+            for &(wire, ack, suffix) in variants {
                 let opts = DirectOpts { ack, ..opts.clone() };
                 let server = target::start(system)?;
                 progress(&format!("direct: {pairs} pairs, max rate, {}{suffix}", system.name()));
-                let r = scenarios::direct(&server, &server.endpoint, &format!("max{suffix}"), &opts).await?;
+                let r =
+                    scenarios::direct(&server, &endpoint_over(&server, wire)?, &format!("max{suffix}"), &opts).await?;
                 let half = (r.msgs_per_sec / 2.0).max(100.0);
                 report.direct.push(r);
                 drop(server);
@@ -191,7 +200,7 @@ async fn main() -> anyhow::Result<()> {
                 ));
                 let paced = DirectOpts { rate: Some(half), window: 10_000, ..opts };
                 let label = format!("half-peak{suffix}");
-                report.direct.push(scenarios::direct(&server, &server.endpoint, &label, &paced).await?);
+                report.direct.push(scenarios::direct(&server, &endpoint_over(&server, wire)?, &label, &paced).await?);
             }
         }
     }
@@ -341,6 +350,17 @@ async fn cluster(args: &Args, warmup: Duration, duration: Duration, report: &mut
     Ok(())
 }
 
+/// The transports connections are measured on, with their labels.
+const WIRES: [(Wire, &str); 2] = [(Wire::WebSocket, "idle"), (Wire::Tcp, "idle, tcp")];
+
+/// `server`'s endpoint on `wire`.
+fn endpoint_over(server: &target::Server, wire: Wire) -> anyhow::Result<Endpoint> {
+    match wire {
+        Wire::WebSocket => Ok(server.endpoint.clone()),
+        Wire::Tcp => server.endpoint.over_tcp(),
+    }
+}
+
 /// The `direct` settings every scenario built on it starts from: as fast as a window of 64
 /// messages in flight allows, every send acknowledged.
 fn direct_opts(args: &Args, warmup: Duration, duration: Duration) -> DirectOpts {
@@ -351,27 +371,32 @@ fn direct_opts(args: &Args, warmup: Duration, duration: Duration) -> DirectOpts 
 fn ratios(report: &mut Report) {
     let mut out = Vec::new();
     let find_direct = |system: &str, label: &str| report.direct.iter().find(|r| r.system == system && r.label == label);
-    for (label, what) in [("max", "switchboard"), ("max, no ack", "switchboard (no ack)")] {
+    for (label, peer_label, what) in [
+        ("max", "max", ""),
+        ("max, no ack", "max", ", switchboard without acks"),
+        ("max, tcp", "max, tcp", ", over TCP"),
+    ] {
         let Some(sb) = find_direct("switchboard", label) else { continue };
         for peer in ["nats-server", "mosquitto"] {
-            if let Some(p) = find_direct(peer, "max") {
+            if let Some(p) = find_direct(peer, peer_label) {
                 out.push(Ratio {
-                    what: format!("direct msg/s {what}/{peer}"),
+                    what: format!("direct msg/s switchboard/{peer}{what}"),
                     ratio: sb.msgs_per_sec / p.msgs_per_sec,
                 });
             }
         }
     }
-    let find_conn = |system: &str| report.connections.iter().find(|r| r.system == system);
-    if let Some(sb) = find_conn("switchboard") {
+    for (label, what) in [("idle", ""), ("idle, tcp", ", over TCP")] {
+        let find_conn = |system: &str| report.connections.iter().find(|r| r.system == system && r.label == label);
+        let Some(sb) = find_conn("switchboard") else { continue };
         for peer in ["nats-server", "mosquitto"] {
             if let Some(p) = find_conn(peer) {
                 out.push(Ratio {
-                    what: format!("connects/s switchboard/{peer}"),
+                    what: format!("connects/s switchboard/{peer}{what}"),
                     ratio: sb.connects_per_sec / p.connects_per_sec,
                 });
                 out.push(Ratio {
-                    what: format!("RSS per connection switchboard/{peer}"),
+                    what: format!("RSS per connection switchboard/{peer}{what}"),
                     ratio: sb.rss_per_connection_kib / p.rss_per_connection_kib.max(f64::MIN_POSITIVE),
                 });
             }
@@ -412,12 +437,12 @@ fn print_tables(r: &Report) {
     if !r.connections.is_empty() || !r.plugins_connect.is_empty() {
         println!("\nconnections (held idle; RSS of the server process)");
         println!(
-            "{:<12} {:<12} {:>8} {:>6} {:>11} {:>10} {:>10} {:>10} {:>10}",
-            "system", "auth", "conns", "failed", "connects/s", "p50 µs", "p99 µs", "RSS MiB", "KiB/conn"
+            "{:<12} {:<12} {:>8} {:>6} {:>11} {:>10} {:>10} {:>14} {:>10} {:>10}",
+            "system", "run", "conns", "failed", "connects/s", "p50 µs", "p99 µs", "cpu µs/conn", "RSS MiB", "KiB/conn"
         );
         for c in r.connections.iter().chain(&r.plugins_connect) {
             println!(
-                "{:<12} {:<12} {:>8} {:>6} {:>11.0} {:>10.0} {:>10.0} {:>10.1} {:>10.2}",
+                "{:<12} {:<12} {:>8} {:>6} {:>11.0} {:>10.0} {:>10.0} {:>14.1} {:>10.1} {:>10.2}",
                 c.system,
                 c.label,
                 c.connections,
@@ -425,6 +450,7 @@ fn print_tables(r: &Report) {
                 c.connects_per_sec,
                 c.connect_p50_us,
                 c.connect_p99_us,
+                c.server_cpu_us_per_connect,
                 c.rss_after_mib,
                 c.rss_per_connection_kib
             );
@@ -494,7 +520,7 @@ fn print_tables(r: &Report) {
     if !r.ratios.is_empty() {
         println!("\nratios");
         for x in &r.ratios {
-            println!("  {:<48} {:>6.2}", x.what, x.ratio);
+            println!("  {:<64} {:>6.2}", x.what, x.ratio);
         }
     }
 }

@@ -40,6 +40,9 @@ pub struct ConnectionsResult {
     pub connects_per_sec: f64,
     pub connect_p50_us: f64,
     pub connect_p99_us: f64,
+    /// CPU time the server spent per connection opened (handshake, authentication, session
+    /// start), in microseconds.
+    pub server_cpu_us_per_connect: f64,
     pub rss_before_mib: f64,
     pub rss_after_mib: f64,
     pub rss_per_connection_kib: f64,
@@ -55,6 +58,7 @@ pub async fn connections(
     concurrency: usize,
 ) -> anyhow::Result<ConnectionsResult> {
     let rss_before = server.rss_bytes();
+    let cpu_before = server.cpu_seconds();
     let gate = Arc::new(Semaphore::new(concurrency));
     let mut set = JoinSet::new();
     let started = Instant::now();
@@ -85,6 +89,7 @@ pub async fn connections(
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = server.cpu_seconds() - cpu_before;
     if let Some(e) = first_error {
         eprintln!("loadgen: {failed} of {n} connections to {} failed; first: {e:#}", server.system.name());
     }
@@ -100,6 +105,7 @@ pub async fn connections(
         connects_per_sec: held.len() as f64 / elapsed,
         connect_p50_us: us(&latency, 0.5),
         connect_p99_us: us(&latency, 0.99),
+        server_cpu_us_per_connect: cpu * 1e6 / ok as f64,
         rss_before_mib: rss_before as f64 / 1048576.0,
         rss_after_mib: rss_after as f64 / 1048576.0,
         rss_per_connection_kib: rss_after.saturating_sub(rss_before) as f64 / ok as f64 / 1024.0,

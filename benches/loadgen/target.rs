@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 
-use crate::client::{Endpoint, System};
+use crate::client::{Endpoint, System, Wire};
 
 pub const APP: &str = "bench";
 pub const SECRET: &str = "bench-secret-0123456789abcdef";
@@ -159,11 +159,20 @@ secret = "{SECRET}"
         Ok(listening[at..].split_whitespace().next().unwrap_or("").parse()?)
     };
     let ws = addr("ws")?;
+    let tcp = addr("tcp")?;
     let http = addr("http")?;
     Ok(Server {
         system: System::Switchboard,
         child,
-        endpoint: Endpoint { system: System::Switchboard, ws, app: APP.into(), secret: SECRET.into(), hmac_key: None },
+        endpoint: Endpoint {
+            system: System::Switchboard,
+            ws,
+            tcp: Some(tcp),
+            wire: Wire::WebSocket,
+            app: APP.into(),
+            secret: SECRET.into(),
+            hmac_key: None,
+        },
         http: Some(http),
         nats_client: None,
         _dir: dir,
@@ -211,12 +220,15 @@ fn start_nats_with(jetstream: bool) -> anyhow::Result<Server> {
     wait_listening(ws_addr, &mut child)?;
     let client_addr: SocketAddr = format!("127.0.0.1:{client}").parse()?;
     wait_listening(client_addr, &mut child)?;
+    let tcp_addr = client_addr;
     Ok(Server {
         system: System::Nats,
         child,
         endpoint: Endpoint {
             system: System::Nats,
             ws: ws_addr,
+            tcp: Some(tcp_addr),
+            wire: Wire::WebSocket,
             app: String::new(),
             secret: String::new(),
             hmac_key: None,
@@ -252,12 +264,16 @@ pub fn start_mosquitto() -> anyhow::Result<Server> {
         .context("starting mosquitto")?;
     let ws_addr: SocketAddr = format!("127.0.0.1:{ws}").parse()?;
     wait_listening(ws_addr, &mut child)?;
+    let tcp_addr: SocketAddr = format!("127.0.0.1:{plain}").parse()?;
+    wait_listening(tcp_addr, &mut child)?;
     Ok(Server {
         system: System::Mosquitto,
         child,
         endpoint: Endpoint {
             system: System::Mosquitto,
             ws: ws_addr,
+            tcp: Some(tcp_addr),
+            wire: Wire::WebSocket,
             app: String::new(),
             secret: String::new(),
             hmac_key: None,
