@@ -175,3 +175,62 @@ pub async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, tracker: TaskTrac
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::SinkExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::protocol::Frame;
+
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut out = (body.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// Frames larger than the 1 KiB read buffer, and many small ones in one write, arrive
+    /// whole and in order through the per-thread read chunks.
+    #[tokio::test]
+    async fn frames_larger_than_the_read_buffer_and_bursts_arrive_whole() {
+        let (near, mut far) = tokio::io::duplex(64 * 1024);
+        let mut io = TcpIo::new(ReadAhead::new(near), 1 << 20);
+        let big = format!(r#"{{"data":"{}"}}"#, "x".repeat(40_000));
+        let mut burst = framed(big.as_bytes());
+        for i in 0..500 {
+            burst.extend(framed(format!(r#"{{"n":{i}}}"#).as_bytes()));
+        }
+        let writer = tokio::spawn(async move {
+            far.write_all(&burst).await.unwrap();
+            far
+        });
+        let Some(Ok(Inbound::Frame(first))) = io.next().await else { panic!("no first frame") };
+        assert_eq!(first, big.as_bytes());
+        for i in 0..500 {
+            let Some(Ok(Inbound::Frame(f))) = io.next().await else { panic!("frame {i} missing") };
+            assert_eq!(f, format!(r#"{{"n":{i}}}"#).as_bytes());
+        }
+        drop(writer.await.unwrap());
+        assert!(io.next().await.is_none(), "the peer closed");
+    }
+
+    /// Writes queue up past the old 2 KiB boundary and leave with the flush, each frame
+    /// behind its length; an idle connection's write buffer starts empty.
+    #[tokio::test]
+    async fn queued_frames_leave_length_prefixed_at_the_flush() {
+        let (near, mut far) = tokio::io::duplex(256 * 1024);
+        let mut io = TcpIo::new(near, 1 << 20);
+        assert_eq!(io.inner.write_buffer().capacity(), 0);
+        let frames: Vec<String> =
+            (0..300).map(|i| format!(r#"{{"type":"message","n":{i},"pad":"{}"}}"#, "y".repeat(64))).collect();
+        for f in &frames {
+            io.feed(Outbound::Frame(Frame::from(f.clone()))).await.unwrap();
+        }
+        io.flush().await.unwrap();
+        let expected: Vec<u8> = frames.iter().flat_map(|f| framed(f.as_bytes())).collect();
+        let mut got = vec![0; expected.len()];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, expected);
+    }
+}
