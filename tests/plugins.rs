@@ -173,7 +173,18 @@ async fn denied_message_never_reaches_the_recipient() {
     assert_eq!(err["client_id"], "s1");
     assert!(err["message"].as_str().unwrap().contains("blocked word"), "{err}");
 
-    // A clean message still flows; the denied one never arrives before it.
+    // A JSON escape does not hide the word ("\u0053pam" is "Spam").
+    let escaped = r#"{"to":"bob","data":{"text":"buy \u0053pam"},"client_id":"s2"}"#;
+    alice.send(tokio_tungstenite::tungstenite::Message::Text(escaped.into())).await;
+    let err = alice.recv().await;
+    assert_eq!((err["code"].as_str(), err["client_id"].as_str()), (Some("denied"), Some("s2")), "{err}");
+
+    // A clean message still flows, even with the words' first letters and an escape that
+    // spells something else; the denied ones never arrive before it.
+    let clean = r#"{"to":"bob","data":{"text":"so spa, Sp\u0061rta","s":"d"}}"#;
+    alice.send(tokio_tungstenite::tungstenite::Message::Text(clean.into())).await;
+    assert_eq!(alice.recv().await["type"], "ack");
+    assert_eq!(bob.recv().await["data"], json!({"text":"so spa, Sparta","s":"d"}));
     alice.send_json(&json!({"to":"bob","data":{"text":"hello"}})).await;
     assert_eq!(alice.recv().await["type"], "ack");
     assert_eq!(bob.recv().await["data"], json!({"text":"hello"}));
@@ -185,7 +196,7 @@ async fn denied_message_never_reaches_the_recipient() {
     assert!(body["results"][0]["reason"].as_str().unwrap().contains("blocked word"));
     assert_eq!(body["delivered"], 0);
     let m = admin_plugins(&s).await;
-    assert_eq!(metrics_of(&m, "words", "demo")["denials"], 2);
+    assert_eq!(metrics_of(&m, "words", "demo")["denials"], 3);
 }
 
 #[tokio::test]

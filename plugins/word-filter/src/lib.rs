@@ -25,8 +25,29 @@ struct Config {
     mask: Vec<String>,
 }
 
+impl Config {
+    /// Which bytes may start a match in the raw JSON text: the first byte of every listed
+    /// word in either ASCII case, and the backslash of a `\u` escape that could hide one.
+    fn starts(&self) -> [bool; 256] {
+        let mut starts = [false; 256];
+        for w in self.deny.iter().chain(&self.mask) {
+            let b = w.as_bytes()[0];
+            starts[b.to_ascii_lowercase() as usize] = true;
+            starts[b.to_ascii_uppercase() as usize] = true;
+        }
+        starts[b'\\' as usize] = true;
+        starts
+    }
+}
+
+/// The configuration, and the bytes that can start a match in it.
+struct Loaded {
+    config: Config,
+    starts: [bool; 256],
+}
+
 thread_local! {
-    static CONFIG: RefCell<Config> = RefCell::new(Config::default());
+    static CONFIG: RefCell<Loaded> = RefCell::new(Loaded { config: Config::default(), starts: [false; 256] });
 }
 
 struct WordFilter;
@@ -41,6 +62,18 @@ fn find_all(hay: &str, needle: &str) -> Vec<usize> {
     (0..=h.len() - n.len())
         .filter(|&i| h[i].to_ascii_lowercase() == first && h[i..i + n.len()].eq_ignore_ascii_case(n))
         .collect()
+}
+
+/// Whether the raw JSON text `hay` may hold a listed word in one of its strings: one of the
+/// words appears in it (ignoring ASCII case), or a `\u` escape does, which could spell one.
+/// One pass over the text, comparing words only where `starts` says one could begin.
+fn may_match(hay: &[u8], loaded: &Loaded) -> bool {
+    let words = loaded.config.deny.iter().chain(&loaded.config.mask);
+    (0..hay.len()).filter(|&i| loaded.starts[hay[i] as usize]).any(|i| {
+        let rest = &hay[i..];
+        rest.starts_with(b"\\u")
+            || words.clone().any(|w| rest.len() >= w.len() && rest[..w.len()].eq_ignore_ascii_case(w.as_bytes()))
+    })
 }
 
 /// Visits every string in `v`; `f` may change it and returns whether it did.
@@ -59,26 +92,22 @@ impl Guest for WordFilter {
         if parsed.deny.iter().chain(&parsed.mask).any(|w| w.is_empty()) {
             return Err("word-filter config: words must not be empty".into());
         }
-        CONFIG.with(|c| *c.borrow_mut() = parsed);
+        let starts = parsed.starts();
+        CONFIG.with(|c| *c.borrow_mut() = Loaded { config: parsed, starts });
         Ok(())
     }
 
     fn filter(message: Message) -> Verdict {
         // Fast path: when no listed word appears anywhere in the raw JSON text (and no
         // \u escape could be hiding one), no string in it can contain one either.
-        let clean = CONFIG.with(|c| {
-            let config = c.borrow();
-            !message.data.contains("\\u")
-                && config.deny.iter().chain(&config.mask).all(|w| find_all(&message.data, w).is_empty())
-        });
-        if clean {
+        if !CONFIG.with(|c| may_match(message.data.as_bytes(), &c.borrow())) {
             return Verdict::Allow;
         }
         let Ok(mut data) = serde_json::from_str::<Value>(&message.data) else {
             return Verdict::Deny("message is not JSON".into());
         };
         CONFIG.with(|c| {
-            let config = c.borrow();
+            let config = &c.borrow().config;
             let mut denied = None;
             visit_strings(&mut data, &mut |s| {
                 if denied.is_none() {
