@@ -104,7 +104,7 @@ pub struct Endpoint {
     pub system: System,
     pub ws: SocketAddr,
     /// The plain TCP listener: switchboard's TCP transport, NATS's client port, MQTT's.
-    pub tcp: Option<SocketAddr>,
+    pub tcp: SocketAddr,
     /// Which of the two clients use.
     pub wire: Wire,
     /// switchboard: the app and its secret (tokens are minted per user).
@@ -115,10 +115,9 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// The same server reached over plain TCP.
-    pub fn over_tcp(&self) -> anyhow::Result<Endpoint> {
-        anyhow::ensure!(self.tcp.is_some(), "{} has no TCP transport", self.system.name());
-        Ok(Endpoint { wire: Wire::Tcp, ..self.clone() })
+    /// The same server reached over `wire`.
+    pub fn over(&self, wire: Wire) -> Endpoint {
+        Endpoint { wire, ..self.clone() }
     }
 }
 
@@ -221,8 +220,7 @@ async fn halves(endpoint: &Endpoint, ws_path: &str, source: Option<IpAddr>) -> a
         let (sink, stream) = open(endpoint, ws_path, source).await?.split();
         return Ok((Out::Ws(sink), In::Ws(stream)));
     }
-    let to = endpoint.tcp.ok_or_else(|| anyhow!("{} has no TCP listener", endpoint.system.name()))?;
-    let (read, write) = dial(to, source).await?.into_split();
+    let (read, write) = dial(endpoint.tcp, source).await?.into_split();
     Ok(if endpoint.system == System::Switchboard {
         let codec = || LengthDelimitedCodec::builder().max_frame_length(1 << 20).new_codec();
         (Out::Tcp(FramedWrite::new(write, codec())), In::Tcp(FramedRead::new(read, codec())))

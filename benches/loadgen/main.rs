@@ -163,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
         for &system in &systems {
             for (wire, label) in WIRES {
                 let server = target::start(system)?;
-                let endpoint = endpoint_over(&server, wire)?;
+                let endpoint = server.endpoint.over(wire);
                 progress(&format!("connections: {n} to {}, {label}", system.name()));
                 let r = scenarios::connections(&server, &endpoint, label, n, args.concurrency).await?;
                 report.connections.push(r);
@@ -187,8 +187,7 @@ async fn main() -> anyhow::Result<()> {
                 let opts = DirectOpts { ack, ..opts.clone() };
                 let server = target::start(system)?;
                 progress(&format!("direct: {pairs} pairs, max rate, {}{suffix}", system.name()));
-                let r =
-                    scenarios::direct(&server, &endpoint_over(&server, wire)?, &format!("max{suffix}"), &opts).await?;
+                let r = scenarios::direct(&server, &server.endpoint.over(wire), &format!("max{suffix}"), &opts).await?;
                 let half = (r.msgs_per_sec / 2.0).max(100.0);
                 report.direct.push(r);
                 drop(server);
@@ -200,7 +199,7 @@ async fn main() -> anyhow::Result<()> {
                 ));
                 let paced = DirectOpts { rate: Some(half), window: 10_000, ..opts };
                 let label = format!("half-peak{suffix}");
-                report.direct.push(scenarios::direct(&server, &endpoint_over(&server, wire)?, &label, &paced).await?);
+                report.direct.push(scenarios::direct(&server, &server.endpoint.over(wire), &label, &paced).await?);
             }
         }
     }
@@ -352,14 +351,6 @@ async fn cluster(args: &Args, warmup: Duration, duration: Duration, report: &mut
 
 /// The transports connections are measured on, with their labels.
 const WIRES: [(Wire, &str); 2] = [(Wire::WebSocket, "idle"), (Wire::Tcp, "idle, tcp")];
-
-/// `server`'s endpoint on `wire`.
-fn endpoint_over(server: &target::Server, wire: Wire) -> anyhow::Result<Endpoint> {
-    match wire {
-        Wire::WebSocket => Ok(server.endpoint.clone()),
-        Wire::Tcp => server.endpoint.over_tcp(),
-    }
-}
 
 /// The `direct` settings every scenario built on it starts from: as fast as a window of 64
 /// messages in flight allows, every send acknowledged.

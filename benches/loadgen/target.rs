@@ -167,7 +167,7 @@ secret = "{SECRET}"
         endpoint: Endpoint {
             system: System::Switchboard,
             ws,
-            tcp: Some(tcp),
+            tcp,
             wire: Wire::WebSocket,
             app: APP.into(),
             secret: SECRET.into(),
@@ -220,14 +220,13 @@ fn start_nats_with(jetstream: bool) -> anyhow::Result<Server> {
     wait_listening(ws_addr, &mut child)?;
     let client_addr: SocketAddr = format!("127.0.0.1:{client}").parse()?;
     wait_listening(client_addr, &mut child)?;
-    let tcp_addr = client_addr;
     Ok(Server {
         system: System::Nats,
         child,
         endpoint: Endpoint {
             system: System::Nats,
             ws: ws_addr,
-            tcp: Some(tcp_addr),
+            tcp: client_addr,
             wire: Wire::WebSocket,
             app: String::new(),
             secret: String::new(),
@@ -272,7 +271,7 @@ pub fn start_mosquitto() -> anyhow::Result<Server> {
         endpoint: Endpoint {
             system: System::Mosquitto,
             ws: ws_addr,
-            tcp: Some(tcp_addr),
+            tcp: tcp_addr,
             wire: Wire::WebSocket,
             app: String::new(),
             secret: String::new(),
