@@ -474,21 +474,8 @@ impl Hub {
     /// Delivers a direct message from `from` to every connection of `to` in `app`, on every
     /// node, after the app's filters.
     pub async fn send_direct(&self, app: &App, from: Sender<'_>, to: &str, data: &RawValue) -> Result<Sent, Refused> {
-        let send_at = now_ms();
-        let msg_id = self.ids.next_at(send_at);
-        let msg = FilterMessage {
-            app_id: &app.id,
-            from: from.uid,
-            to,
-            event: EVENT_DIRECT,
-            data,
-            msg_id: &msg_id,
-            send_at,
-            sender_metadata: from.metadata,
-        };
-        let frame = self.prepare(app, &msg, None, self.config.limits.max_frame_bytes)?;
-        let delivery = self.deliver(Target::User { app: &app.id, uid: to }, &frame, from.wants_count).await;
-        Ok(Sent { msg_id, send_at, delivery })
+        let max_bytes = self.config.limits.max_frame_bytes;
+        self.send_from(app, from, Target::User { app: &app.id, uid: to }, data, max_bytes).await
     }
 
     /// Publishes to every subscriber of `channel` in `app`, on every node, after the app's
@@ -501,20 +488,37 @@ impl Hub {
         data: &RawValue,
         max_bytes: usize,
     ) -> Result<Sent, Refused> {
+        self.send_from(app, from, Target::Channel { app: &app.id, channel }, data, max_bytes).await
+    }
+
+    /// One message from one sender to a user or a channel: filtered, encoded once,
+    /// delivered here and on the other nodes.
+    async fn send_from(
+        &self,
+        app: &App,
+        from: Sender<'_>,
+        target: Target<'_>,
+        data: &RawValue,
+        max_bytes: usize,
+    ) -> Result<Sent, Refused> {
+        let (to, event, channel) = match target {
+            Target::User { uid, .. } => (uid, EVENT_DIRECT, None),
+            Target::Channel { channel, .. } => (channel, EVENT_CHANNEL, Some(channel)),
+        };
         let send_at = now_ms();
         let msg_id = self.ids.next_at(send_at);
         let msg = FilterMessage {
             app_id: &app.id,
             from: from.uid,
-            to: channel,
-            event: EVENT_CHANNEL,
+            to,
+            event,
             data,
             msg_id: &msg_id,
             send_at,
             sender_metadata: from.metadata,
         };
-        let frame = self.prepare(app, &msg, Some(channel), max_bytes)?;
-        let delivery = self.deliver(Target::Channel { app: &app.id, channel }, &frame, from.wants_count).await;
+        let frame = self.prepare(app, &msg, channel, max_bytes)?;
+        let delivery = self.deliver(target, &frame, from.wants_count).await;
         Ok(Sent { msg_id, send_at, delivery })
     }
 
