@@ -341,6 +341,10 @@ impl<T: FrameIo> Session<T> {
     /// then flushes the replies once: one write for a burst of acks, not one per frame.
     async fn on_inbound_burst(&mut self, first: Option<Result<Inbound, ReadError>>) -> Result<(), Exit> {
         use futures_util::FutureExt as _;
+        // Anything the client sends, even a refused frame, shows it is alive. One clock
+        // read per burst: its frames are handled within microseconds of it, so the rate
+        // limit charges them all at this instant too.
+        self.last_seen = Instant::now();
         self.on_inbound(first).await?;
         for _ in 1..MAX_BATCH {
             // Being kicked or shut down is answered before more queued input.
@@ -356,10 +360,6 @@ impl<T: FrameIo> Session<T> {
     }
 
     async fn on_inbound(&mut self, item: Option<Result<Inbound, ReadError>>) -> Result<(), Exit> {
-        if item.is_some() {
-            // Anything the client sends, even a refused frame, shows it is alive.
-            self.last_seen = Instant::now();
-        }
         match item {
             None => Err(Exit::Gone),
             Some(Ok(Inbound::Frame(bytes))) => self.on_frame(&bytes).await,
@@ -388,7 +388,7 @@ impl<T: FrameIo> Session<T> {
             ClientFrame::Send(send) => {
                 let client_id = send.client_id.as_deref();
                 self.app.metrics.from_clients.inc();
-                if !self.bucket.try_take(Instant::now()) {
+                if !self.bucket.try_take(self.last_seen) {
                     return self.rate_limited(client_id).await;
                 }
                 let from = Sender { uid: &self.uid, metadata: &self.metadata, wants_count: send.ack };
@@ -428,7 +428,7 @@ impl<T: FrameIo> Session<T> {
                     let msg = "this app lets only its server publish to channels ([apps.<id>] client_publish)";
                     return self.error(ErrorCode::PublishForbidden, msg, client_id).await;
                 }
-                if !self.bucket.try_take(Instant::now()) {
+                if !self.bucket.try_take(self.last_seen) {
                     return self.rate_limited(client_id).await;
                 }
                 let data = c.data.expect("decode requires data on publish");
@@ -535,6 +535,18 @@ async fn guarded(
     limit: Duration,
     write: impl std::future::Future<Output = std::io::Result<()>>,
 ) -> Result<(), Exit> {
+    use futures_util::FutureExt as _;
+    if let Some(code) = control.reason() {
+        return Err(Exit::Fatal(code, describe(code).into()));
+    }
+    // Most writes complete at the first poll (into the transport's buffer, or a flush the
+    // socket takes whole). Those need neither the timer nor the kick watch, whose set-up (a
+    // clock read, the runtime handle, a waiter) costs more than such a write; this runs
+    // several times per message. A write that has to wait is polled again below, with both.
+    let mut write = std::pin::pin!(write);
+    if let Some(result) = write.as_mut().now_or_never() {
+        return finish_write(Ok(result));
+    }
     tokio::select! {
         biased;
         code = control.kicked() => Err(Exit::Fatal(code, describe(code).into())),
@@ -562,6 +574,7 @@ mod tests {
     //! heartbeat timing is exact and instant.
 
     use std::pin::Pin;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::task::{Context, Poll};
 
     use futures_util::{Sink, Stream};
@@ -574,6 +587,9 @@ mod tests {
     struct MemoryIo {
         inbound: UnboundedReceiver<Result<Inbound, ReadError>>,
         outbound: UnboundedSender<Outbound>,
+        /// While set, writes wait as on a socket whose peer reads nothing (no wake-up comes:
+        /// only the session's timers and kicks end the wait).
+        stuck: Arc<AtomicBool>,
     }
 
     impl Stream for MemoryIo {
@@ -586,7 +602,7 @@ mod tests {
     impl Sink<Outbound> for MemoryIo {
         type Error = std::io::Error;
         fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
+            if self.stuck.load(Ordering::Relaxed) { Poll::Pending } else { Poll::Ready(Ok(())) }
         }
         fn start_send(self: Pin<&mut Self>, item: Outbound) -> std::io::Result<()> {
             self.outbound.send(item).map_err(|_| std::io::ErrorKind::BrokenPipe.into())
@@ -602,6 +618,7 @@ mod tests {
     struct Client {
         to_server: UnboundedSender<Result<Inbound, ReadError>>,
         from_server: UnboundedReceiver<Outbound>,
+        stuck: Arc<AtomicBool>,
     }
 
     impl Client {
@@ -635,8 +652,9 @@ mod tests {
             params: vec![],
         };
         let guard = hub.try_admit().unwrap();
-        tokio::spawn(start(MemoryIo { inbound, outbound }, hub.clone(), request, guard));
-        let mut client = Client { to_server, from_server };
+        let stuck = Arc::new(AtomicBool::new(false));
+        tokio::spawn(start(MemoryIo { inbound, outbound, stuck: stuck.clone() }, hub.clone(), request, guard));
+        let mut client = Client { to_server, from_server, stuck };
         assert_eq!(client.next_json().await["type"], "connected");
         (client, hub)
     }
@@ -693,6 +711,56 @@ mod tests {
             }
         }
         assert!(pongs <= 1, "shutdown is handled before queued input: {pongs} pongs");
+    }
+
+    fn ping() -> Result<Inbound, ReadError> {
+        Ok(Inbound::Frame(bytes::Bytes::from_static(br#"{"type":"ping"}"#)))
+    }
+
+    fn write_timeout(c: &mut Config) {
+        heartbeat(c);
+        c.limits.write_timeout = Duration::from_secs(5);
+        c.limits.outbound_queue = 4;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_stuck_past_the_write_timeout_ends_the_session() {
+        let (mut client, hub) = connect(write_timeout).await;
+        client.stuck.store(true, Ordering::Relaxed);
+        let start = Instant::now();
+        client.to_server.send(ping()).unwrap();
+        // The pong's write gives up at 5 s; the goodbye then waits for the socket (up to
+        // CLOSE_TIMEOUT), which comes back at 6 s and takes it.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(hub.connections(), 1, "still saying goodbye");
+        client.stuck.store(false, Ordering::Relaxed);
+        let error = client.next_json().await;
+        assert_eq!((error["code"].as_str(), error["fatal"].as_bool()), (Some("slow_consumer"), Some(true)));
+        assert!(matches!(client.next().await, Outbound::Close(ErrorCode::SlowConsumer)));
+        assert_eq!(start.elapsed(), Duration::from_secs(5) + CLOSE_TIMEOUT);
+        wait_for(|| hub.connections() == 0).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kick_ends_a_stuck_write_at_once() {
+        let (mut client, hub) = connect(write_timeout).await;
+        client.stuck.store(true, Ordering::Relaxed);
+        let start = Instant::now();
+        let app = hub.app("demo").unwrap().clone();
+        let data = serde_json::value::RawValue::from_string("1".into()).unwrap();
+        let from = Sender { uid: "bob", metadata: &[], wants_count: false };
+        // The first message is taken off the queue and its write waits; the next four fill
+        // the queue and the sixth finds it full, which kicks the session as a slow consumer.
+        for _ in 0..6 {
+            hub.send_direct(&app, from, "alice", &data).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        wait_for(|| app.registry.sessions_of("alice") == 0).await;
+        assert!(start.elapsed() < Duration::from_secs(1), "waited {:?} for the write timeout", start.elapsed());
+        client.stuck.store(false, Ordering::Relaxed);
+        // The goodbye goes out once the socket takes writes again.
+        let error = client.next_json().await;
+        assert_eq!(error["code"], "slow_consumer");
     }
 
     async fn wait_for(cond: impl Fn() -> bool) {
