@@ -187,6 +187,9 @@ pub struct Hub {
     connections: AtomicUsize,
     next_conn_id: AtomicU64,
     shutdown: CancellationToken,
+    /// Set by [`shut_down`](Hub::shut_down) before anything else: sessions read it per frame,
+    /// where asking the token (a mutex every thread shares) would cost a global lock.
+    stopping: AtomicBool,
     /// Unix seconds when this node started: pushes signed earlier are refused, because the
     /// nonces that protected them from replay were not remembered across the restart.
     started_secs: u64,
@@ -239,6 +242,7 @@ impl Hub {
             connections: AtomicUsize::new(0),
             next_conn_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
+            stopping: AtomicBool::new(false),
             started_secs: now_ms() / 1000,
             plugins: ArcSwap::from_pointee(plugins),
             reloading: tokio::sync::Mutex::new(()),
@@ -306,13 +310,30 @@ impl Hub {
         self.plugins.load()
     }
 
-    /// Cancelled when the node starts shutting down.
+    /// Cancelled when the node starts shutting down, for listeners and background tasks to
+    /// wait on. Start a shutdown with [`shut_down`](Self::shut_down), not by cancelling it:
+    /// sessions hear of it from there.
     pub fn shutdown_token(&self) -> &CancellationToken {
         &self.shutdown
     }
 
+    /// Starts shutting down: listeners stop accepting and every session says goodbye (a
+    /// `reconnect` frame). Sessions are told through their own kick signal, so that waiting
+    /// for a shutdown costs them nothing shared per message.
+    pub fn shut_down(&self) {
+        // Before the sweep: a session registering meanwhile either is swept or sees the
+        // flag right after registering (`session::start`).
+        self.stopping.store(true, Ordering::SeqCst);
+        self.shutdown.cancel();
+        for app in self.apps.values() {
+            for (_, session) in app.registry.all_sessions() {
+                session.control.kick(ErrorCode::ServerShutdown);
+            }
+        }
+    }
+
     pub fn is_shutting_down(&self) -> bool {
-        self.shutdown.is_cancelled()
+        self.stopping.load(Ordering::SeqCst)
     }
 
     /// Takes a connection slot, or `None` when the node is full.

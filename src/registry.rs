@@ -32,18 +32,21 @@ impl SessionControl {
     pub fn kick(&self, reason: ErrorCode) {
         let idx = KICK_REASONS.iter().position(|r| *r == reason).unwrap_or(2) as u8 + 1;
         if self.reason.compare_exchange(0, idx, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            // notify_one stores a permit when the session is not waiting right now.
-            self.notify.notify_one();
+            // Every waiter: the session waits in its loop and, during a write, there too.
+            self.notify.notify_waiters();
         }
     }
 
     /// Resolves once [`kick`](Self::kick) has been called; returns the reason.
     pub async fn kicked(&self) -> ErrorCode {
         loop {
+            // Created before the check: it hears every notify_waiters from here on, so a
+            // kick between the check and the wait is not missed.
+            let notified = self.notify.notified();
             if let Some(reason) = self.reason() {
                 return reason;
             }
-            self.notify.notified().await;
+            notified.await;
         }
     }
 

@@ -166,7 +166,6 @@ impl Server {
         // Client listeners and sessions stop first; the HTTP API stays up while they drain
         // (so /healthz can say 503) and stops last.
         let clients = TaskTracker::new();
-        let stop_clients = hub.shutdown_token().clone();
         let stop_http = CancellationToken::new();
         let http_tasks = TaskTracker::new();
         let router = api::router(hub.clone());
@@ -208,7 +207,7 @@ impl Server {
             cluster.membership.leave().await;
         }
         info!(connections = hub.connections(), ?grace, "shutting down: telling clients to reconnect");
-        stop_clients.cancel();
+        hub.shut_down();
         clients.close();
         if tokio::time::timeout(grace, clients.wait()).await.is_err() {
             warn!(remaining = hub.connections(), "grace period over; closing the rest");

@@ -128,6 +128,10 @@ pub async fn start<T: FrameIo>(io: T, hub: Arc<Hub>, request: ConnectRequest, gu
         // A client that reaches a node on its way out is moved on at once.
         control.kick(ErrorCode::NodeDraining);
     }
+    if hub.is_shutting_down() {
+        // Registered after `Hub::shut_down` swept the registry (or while it did).
+        control.kick(ErrorCode::ServerShutdown);
+    }
     let span =
         info_span!("conn", app = %app.id, %uid, transport = %request.transport, remote = %request.remote, conn_id);
     let session = Session {
@@ -219,9 +223,19 @@ impl std::fmt::Display for Exit {
     }
 }
 
+impl Exit {
+    /// How a session kicked for `code` ends.
+    fn kicked(code: ErrorCode) -> Exit {
+        match code {
+            ErrorCode::NodeDraining => Exit::Moved,
+            ErrorCode::ServerShutdown => Exit::Shutdown,
+            code => Exit::Fatal(code, describe(code).into()),
+        }
+    }
+}
+
 enum Event {
     Kicked(ErrorCode),
-    Shutdown,
     Outbound(Frame),
     Inbound(Option<Result<Inbound, ReadError>>),
     Tick,
@@ -289,30 +303,27 @@ impl<T: FrameIo> Session<T> {
         }
 
         let control = self.control.clone();
-        let shutdown = self.hub.shutdown_token().clone();
         let mut next_ping = Instant::now() + hb.ping_interval;
         let tick = sleep_until(next_ping);
-        tokio::pin!(tick);
+        // Kicks (slow consumer, drain, shutdown) all arrive here; waited on by one future for
+        // the whole session rather than one per event.
+        let kicked = control.kicked();
+        tokio::pin!(tick, kicked);
         loop {
-            // Being kicked or shut down goes first; among the rest, select! picks at random
-            // so that a steady stream one way never starves the other.
+            // Being kicked goes first; among the rest, select! picks at random so that a
+            // steady stream one way never starves the other.
             let event = if let Some(reason) = control.reason() {
                 Event::Kicked(reason)
-            } else if shutdown.is_cancelled() {
-                Event::Shutdown
             } else {
                 tokio::select! {
-                    reason = control.kicked() => Event::Kicked(reason),
-                    _ = shutdown.cancelled() => Event::Shutdown,
+                    reason = &mut kicked => Event::Kicked(reason),
                     Some(frame) = self.rx.recv() => Event::Outbound(frame),
                     inbound = self.io.next() => Event::Inbound(inbound),
                     _ = &mut tick => Event::Tick,
                 }
             };
             let step = match event {
-                Event::Kicked(ErrorCode::NodeDraining) => Err(Exit::Moved),
-                Event::Kicked(code) => Err(Exit::Fatal(code, describe(code).into())),
-                Event::Shutdown => Err(Exit::Shutdown),
+                Event::Kicked(code) => Err(Exit::kicked(code)),
                 Event::Outbound(frame) => self.write_batch(frame).await,
                 Event::Inbound(item) => self.on_inbound_burst(item).await,
                 Event::Tick => {
@@ -347,8 +358,8 @@ impl<T: FrameIo> Session<T> {
         self.last_seen = Instant::now();
         self.on_inbound(first).await?;
         for _ in 1..MAX_BATCH {
-            // Being kicked or shut down is answered before more queued input.
-            if self.control.reason().is_some() || self.hub.is_shutting_down() {
+            // Being kicked (or shut down) is answered before more queued input.
+            if self.control.reason().is_some() {
                 break;
             }
             match self.io.next().now_or_never() {
@@ -537,7 +548,7 @@ async fn guarded(
 ) -> Result<(), Exit> {
     use futures_util::FutureExt as _;
     if let Some(code) = control.reason() {
-        return Err(Exit::Fatal(code, describe(code).into()));
+        return Err(Exit::kicked(code));
     }
     // Most writes complete at the first poll (into the transport's buffer, or a flush the
     // socket takes whole). Those need neither the timer nor the kick watch, whose set-up (a
@@ -549,7 +560,7 @@ async fn guarded(
     }
     tokio::select! {
         biased;
-        code = control.kicked() => Err(Exit::Fatal(code, describe(code).into())),
+        code = control.kicked() => Err(Exit::kicked(code)),
         result = timeout(limit, write) => finish_write(result),
     }
 }
@@ -700,7 +711,7 @@ mod tests {
         for _ in 0..100 {
             client.to_server.send(Ok(Inbound::Frame(bytes::Bytes::from_static(br#"{"type":"ping"}"#)))).unwrap();
         }
-        hub.shutdown_token().cancel();
+        hub.shut_down();
         // At most the frames already being handled are answered before the goodbye.
         let mut pongs = 0;
         loop {
