@@ -55,6 +55,18 @@ fn every_scenario_runs_in_smoke_mode() {
     for d in r["direct"].as_array().unwrap() {
         assert_eq!(d["refused"].as_u64(), Some(0), "{d}");
     }
+    // Every system paced at the same rate (one rate in smoke mode), switchboard with and
+    // without acks; every message delivered.
+    let mut paced = expected.clone();
+    paced.insert(1, "switchboard".into());
+    assert_eq!(systems("latency"), paced);
+    let labels: Vec<&str> = r["latency"].as_array().unwrap().iter().map(|d| d["label"].as_str().unwrap()).collect();
+    assert_eq!(labels[..2], ["0.4k/s", "0.4k/s, no ack"]);
+    for d in r["latency"].as_array().unwrap() {
+        assert_eq!(d["target_rate"].as_f64(), Some(400.0), "{d}");
+        assert!(d["delivered"].as_u64().unwrap() > 0 && d["refused"].as_u64() == Some(0), "{d}");
+        assert!(d["p99_us"].as_f64().unwrap() >= d["p50_us"].as_f64().unwrap(), "{d}");
+    }
     assert_eq!(r["plugins_direct"].as_array().unwrap().len(), 3);
     for c in r["plugins_connect"].as_array().unwrap() {
         assert_eq!((c["connections"].as_u64(), c["failed"].as_u64()), (Some(20), Some(0)), "{c}");

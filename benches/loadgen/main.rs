@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! loadgen [--smoke] [--json FILE] [--peers nats,mosquitto] <scenario>...
-//! scenarios: connections direct push plugins all
+//! scenarios: connections direct latency push fanout plugins cluster all
 //! ```
 //! `benches/run.sh` builds release binaries, installs the peers and runs everything;
 //! `--smoke` runs every scenario at tiny sizes in seconds (the test command does).
@@ -32,6 +32,8 @@ use target::SwitchboardSetup;
 enum Scenario {
     Connections,
     Direct,
+    /// `direct` paced at the same fixed rates for every system: latency at equal load.
+    Latency,
     Push,
     Fanout,
     Plugins,
@@ -89,6 +91,7 @@ struct Args {
 struct Report {
     connections: Vec<ConnectionsResult>,
     direct: Vec<DirectResult>,
+    latency: Vec<DirectResult>,
     push: Vec<PushResult>,
     fanout: Vec<FanoutResult>,
     cluster: Vec<DirectResult>,
@@ -200,6 +203,27 @@ async fn main() -> anyhow::Result<()> {
                 let paced = DirectOpts { rate: Some(half), window: 10_000, ..opts };
                 let label = format!("half-peak{suffix}");
                 report.direct.push(scenarios::direct(&server, &server.endpoint.over(wire), &label, &paced).await?);
+            }
+        }
+    }
+
+    if run(Scenario::Latency) {
+        // The same offered load for every system (half of each one's own peak, above, is a
+        // different load per system): where does p99 stay low?
+        let opts = direct_opts(&args, warmup, duration);
+        let rates: &[f64] = if args.smoke { &[400.0] } else { &LATENCY_RATES };
+        for &system in &systems {
+            // switchboard as used by default (acknowledged), and without acks like the peers.
+            let acks: &[(bool, &str)] =
+                if system == System::Switchboard { &[(true, ""), (false, ", no ack")] } else { &[(true, "")] };
+            for &(ack, suffix) in acks {
+                for &rate in rates {
+                    let server = target::start(system)?;
+                    progress(&format!("latency: {} pairs at {rate:.0} msg/s, {}{suffix}", opts.pairs, system.name()));
+                    let paced = DirectOpts { rate: Some(rate), window: 10_000, ack, ..opts.clone() };
+                    let label = format!("{}k/s{suffix}", rate / 1000.0);
+                    report.latency.push(scenarios::direct(&server, &server.endpoint, &label, &paced).await?);
+                }
             }
         }
     }
@@ -349,6 +373,10 @@ async fn cluster(args: &Args, warmup: Duration, duration: Duration, report: &mut
     Ok(())
 }
 
+/// Offered loads (msg/s) of the `latency` scenario: from light to about half of the peers'
+/// WebSocket peaks on a 2-core machine.
+const LATENCY_RATES: [f64; 4] = [10_000.0, 30_000.0, 100_000.0, 200_000.0];
+
 /// The transports connections are measured on, with their labels.
 const WIRES: [(Wire, &str); 2] = [(Wire::WebSocket, "idle"), (Wire::Tcp, "idle, tcp")];
 
@@ -402,6 +430,17 @@ fn ratios(report: &mut Report) {
             ratio: cross.msgs_per_sec / same.msgs_per_sec,
         });
     }
+    for sb in report.latency.iter().filter(|r| r.system == "switchboard") {
+        for peer in ["nats-server", "mosquitto"] {
+            let peer_label = sb.label.trim_end_matches(", no ack");
+            if let Some(p) = report.latency.iter().find(|r| r.system == peer && r.label == peer_label) {
+                out.push(Ratio {
+                    what: format!("p99 latency at {} switchboard/{peer}", sb.label),
+                    ratio: sb.p99_us / p.p99_us.max(f64::MIN_POSITIVE),
+                });
+            }
+        }
+    }
     let find_fanout = |system: &str| report.fanout.iter().find(|r| r.system == system);
     if let Some(sb) = find_fanout("switchboard") {
         for peer in ["nats-server", "mosquitto"] {
@@ -422,6 +461,30 @@ fn ratios(report: &mut Report) {
         }
     }
     report.ratios = out;
+}
+
+fn print_direct<'a>(title: &str, rows: impl Iterator<Item = &'a DirectResult>) {
+    println!("\n{title}");
+    println!(
+        "{:<12} {:<24} {:>6} {:>11} {:>10} {:>9} {:>9} {:>9} {:>12} {:>8}",
+        "system", "run", "pairs", "target/s", "msg/s", "p50 µs", "p99 µs", "p999 µs", "cpu ms/1k", "refused"
+    );
+    for d in rows {
+        let target = d.target_rate.map_or("max".to_string(), |t| format!("{t:.0}"));
+        println!(
+            "{:<12} {:<24} {:>6} {:>11} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>12.2} {:>8}",
+            d.system,
+            d.label,
+            d.pairs,
+            target,
+            d.msgs_per_sec,
+            d.p50_us,
+            d.p99_us,
+            d.p999_us,
+            d.server_cpu_ms_per_1k,
+            d.refused
+        );
+    }
 }
 
 fn print_tables(r: &Report) {
@@ -448,27 +511,13 @@ fn print_tables(r: &Report) {
         }
     }
     if !r.direct.is_empty() || !r.plugins_direct.is_empty() {
-        println!("\ndirect (pairs of clients; latency from send to receive)");
-        println!(
-            "{:<12} {:<24} {:>6} {:>11} {:>10} {:>9} {:>9} {:>9} {:>12} {:>8}",
-            "system", "run", "pairs", "target/s", "msg/s", "p50 µs", "p99 µs", "p999 µs", "cpu ms/1k", "refused"
+        print_direct(
+            "direct (pairs of clients; latency from send to receive)",
+            r.direct.iter().chain(&r.plugins_direct),
         );
-        for d in r.direct.iter().chain(&r.plugins_direct) {
-            let target = d.target_rate.map_or("max".to_string(), |t| format!("{t:.0}"));
-            println!(
-                "{:<12} {:<24} {:>6} {:>11} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>12.2} {:>8}",
-                d.system,
-                d.label,
-                d.pairs,
-                target,
-                d.msgs_per_sec,
-                d.p50_us,
-                d.p99_us,
-                d.p999_us,
-                d.server_cpu_ms_per_1k,
-                d.refused
-            );
-        }
+    }
+    if !r.latency.is_empty() {
+        print_direct("latency (direct over WebSocket, every system at the same rates)", r.latency.iter());
     }
     if !r.fanout.is_empty() {
         println!("\nfanout (one publisher, one channel; latency until the last subscriber has it)");
