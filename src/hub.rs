@@ -187,8 +187,8 @@ pub struct Hub {
     connections: AtomicUsize,
     next_conn_id: AtomicU64,
     shutdown: CancellationToken,
-    /// Set by [`shut_down`](Hub::shut_down) before anything else: sessions read it per frame,
-    /// where asking the token (a mutex every thread shares) would cost a global lock.
+    /// Set by [`shut_down`](Hub::shut_down) before anything else; a session that registers
+    /// reads it once, to learn of a shutdown whose sweep of the registry it missed.
     stopping: AtomicBool,
     /// Unix seconds when this node started: pushes signed earlier are refused, because the
     /// nonces that protected them from replay were not remembered across the restart.
@@ -310,11 +310,11 @@ impl Hub {
         self.plugins.load()
     }
 
-    /// Cancelled when the node starts shutting down, for listeners and background tasks to
-    /// wait on. Start a shutdown with [`shut_down`](Self::shut_down), not by cancelling it:
-    /// sessions hear of it from there.
-    pub fn shutdown_token(&self) -> &CancellationToken {
-        &self.shutdown
+    /// A token cancelled when the node starts shutting down, for listeners and background
+    /// tasks to wait on. It is a child of the node's own: cancelling it stops only its
+    /// holder. A shutdown starts with [`shut_down`](Self::shut_down), which sessions hear of.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.child_token()
     }
 
     /// Starts shutting down: listeners stop accepting and every session says goodbye (a

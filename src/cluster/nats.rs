@@ -286,7 +286,7 @@ impl Cluster {
         membership.spawn(
             c.heartbeat,
             move || hub_for_count.upgrade().map_or(0, |h| h.connections() as u64),
-            hub.shutdown_token().child_token(),
+            hub.shutdown_token(),
         );
         Ok(cluster)
     }

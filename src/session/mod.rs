@@ -539,16 +539,18 @@ fn ack_frame(client_id: Option<&str>, msg_id: &str, outcome: &Outcome) -> Frame 
     .encode()
 }
 
-/// Runs a write within `limit`, abandoning it at once if the session is kicked meanwhile
-/// (a write blocked on a full socket must not keep a slow consumer registered).
+/// Runs a write within `limit`. A fatal kick (a slow consumer's) abandons it at once: a
+/// write blocked on a full socket must not keep a slow consumer registered. A drain or a
+/// shutdown lets it finish within the limit: the frame in it was counted as delivered, and
+/// the goodbye then writes out the rest of the queue the same way.
 async fn guarded(
     control: &SessionControl,
     limit: Duration,
     write: impl std::future::Future<Output = std::io::Result<()>>,
 ) -> Result<(), Exit> {
     use futures_util::FutureExt as _;
-    if let Some(code) = control.reason() {
-        return Err(Exit::kicked(code));
+    if let Some(exit) = control.reason().and_then(fatal_kick) {
+        return Err(exit);
     }
     // Most writes complete at the first poll (into the transport's buffer, or a flush the
     // socket takes whole). Those need neither the timer nor the kick watch, whose set-up (a
@@ -558,10 +560,24 @@ async fn guarded(
     if let Some(result) = write.as_mut().now_or_never() {
         return finish_write(Ok(result));
     }
+    let kicked = async {
+        match fatal_kick(control.kicked().await) {
+            Some(exit) => exit,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         biased;
-        code = control.kicked() => Err(Exit::kicked(code)),
+        exit = kicked => Err(exit),
         result = timeout(limit, write) => finish_write(result),
+    }
+}
+
+/// How a kick for `code` ends a write in progress, if it does.
+fn fatal_kick(code: ErrorCode) -> Option<Exit> {
+    match Exit::kicked(code) {
+        exit @ Exit::Fatal(..) => Some(exit),
+        Exit::Moved | Exit::Shutdown | Exit::Gone => None,
     }
 }
 
@@ -598,9 +614,28 @@ mod tests {
     struct MemoryIo {
         inbound: UnboundedReceiver<Result<Inbound, ReadError>>,
         outbound: UnboundedSender<Outbound>,
-        /// While set, writes wait as on a socket whose peer reads nothing (no wake-up comes:
-        /// only the session's timers and kicks end the wait).
-        stuck: Arc<AtomicBool>,
+        /// While closed, writes wait as on a socket whose peer reads nothing.
+        gate: Arc<Gate>,
+    }
+
+    /// A socket's room for writes: closed, it keeps the writer's waker; opening wakes it.
+    #[derive(Default)]
+    struct Gate {
+        closed: AtomicBool,
+        waker: std::sync::Mutex<Option<std::task::Waker>>,
+    }
+
+    impl Gate {
+        fn close(&self) {
+            self.closed.store(true, Ordering::SeqCst);
+        }
+
+        fn open(&self) {
+            self.closed.store(false, Ordering::SeqCst);
+            if let Some(w) = self.waker.lock().unwrap().take() {
+                w.wake();
+            }
+        }
     }
 
     impl Stream for MemoryIo {
@@ -612,8 +647,9 @@ mod tests {
 
     impl Sink<Outbound> for MemoryIo {
         type Error = std::io::Error;
-        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            if self.stuck.load(Ordering::Relaxed) { Poll::Pending } else { Poll::Ready(Ok(())) }
+        fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            *self.gate.waker.lock().unwrap() = Some(cx.waker().clone());
+            if self.gate.closed.load(Ordering::SeqCst) { Poll::Pending } else { Poll::Ready(Ok(())) }
         }
         fn start_send(self: Pin<&mut Self>, item: Outbound) -> std::io::Result<()> {
             self.outbound.send(item).map_err(|_| std::io::ErrorKind::BrokenPipe.into())
@@ -629,7 +665,7 @@ mod tests {
     struct Client {
         to_server: UnboundedSender<Result<Inbound, ReadError>>,
         from_server: UnboundedReceiver<Outbound>,
-        stuck: Arc<AtomicBool>,
+        gate: Arc<Gate>,
     }
 
     impl Client {
@@ -653,6 +689,11 @@ mod tests {
         let node =
             NodeInfo { id: "n1".into(), external: Addrs::default(), intranet: Addrs::default(), warnings: vec![] };
         let hub = Hub::new(config, node, crate::plugin::PluginSet::default());
+        (connect_to(&hub).await, hub)
+    }
+
+    /// Connects alice to `hub`; returns once she has her `connected` frame.
+    async fn connect_to(hub: &Arc<Hub>) -> Client {
         let (to_server, inbound) = unbounded_channel();
         let (outbound, from_server) = unbounded_channel();
         let request = ConnectRequest {
@@ -663,11 +704,11 @@ mod tests {
             params: vec![],
         };
         let guard = hub.try_admit().unwrap();
-        let stuck = Arc::new(AtomicBool::new(false));
-        tokio::spawn(start(MemoryIo { inbound, outbound, stuck: stuck.clone() }, hub.clone(), request, guard));
-        let mut client = Client { to_server, from_server, stuck };
+        let gate = Arc::new(Gate::default());
+        tokio::spawn(start(MemoryIo { inbound, outbound, gate: gate.clone() }, hub.clone(), request, guard));
+        let mut client = Client { to_server, from_server, gate };
         assert_eq!(client.next_json().await["type"], "connected");
-        (client, hub)
+        client
     }
 
     fn heartbeat(c: &mut Config) {
@@ -736,42 +777,99 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_write_stuck_past_the_write_timeout_ends_the_session() {
-        let (mut client, hub) = connect(write_timeout).await;
-        client.stuck.store(true, Ordering::Relaxed);
-        let start = Instant::now();
-        client.to_server.send(ping()).unwrap();
-        // The pong's write gives up at 5 s; the goodbye then waits for the socket (up to
-        // CLOSE_TIMEOUT), which comes back at 6 s and takes it.
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        assert_eq!(hub.connections(), 1, "still saying goodbye");
-        client.stuck.store(false, Ordering::Relaxed);
-        let error = client.next_json().await;
-        assert_eq!((error["code"].as_str(), error["fatal"].as_bool()), (Some("slow_consumer"), Some(true)));
-        assert!(matches!(client.next().await, Outbound::Close(ErrorCode::SlowConsumer)));
-        assert_eq!(start.elapsed(), Duration::from_secs(5) + CLOSE_TIMEOUT);
-        wait_for(|| hub.connections() == 0).await;
+        within_a_minute(async {
+            let (mut client, hub) = connect(write_timeout).await;
+            client.gate.close();
+            let start = Instant::now();
+            client.to_server.send(ping()).unwrap();
+            // The pong's write gives up at 5 s; the goodbye then waits for the socket (up to
+            // CLOSE_TIMEOUT), which takes writes again at 6 s.
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            assert_eq!(hub.connections(), 1, "still saying goodbye");
+            client.gate.open();
+            let error = client.next_json().await;
+            assert_eq!((error["code"].as_str(), error["fatal"].as_bool()), (Some("slow_consumer"), Some(true)));
+            assert!(matches!(client.next().await, Outbound::Close(ErrorCode::SlowConsumer)));
+            assert_eq!(start.elapsed(), Duration::from_secs(6));
+            wait_for(|| hub.connections() == 0).await;
+        })
+        .await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_kick_ends_a_stuck_write_at_once() {
-        let (mut client, hub) = connect(write_timeout).await;
-        client.stuck.store(true, Ordering::Relaxed);
-        let start = Instant::now();
-        let app = hub.app("demo").unwrap().clone();
-        let data = serde_json::value::RawValue::from_string("1".into()).unwrap();
-        let from = Sender { uid: "bob", metadata: &[], wants_count: false };
-        // The first message is taken off the queue and its write waits; the next four fill
-        // the queue and the sixth finds it full, which kicks the session as a slow consumer.
-        for _ in 0..6 {
-            hub.send_direct(&app, from, "alice", &data).await.unwrap();
-            tokio::task::yield_now().await;
-        }
-        wait_for(|| app.registry.sessions_of("alice") == 0).await;
-        assert!(start.elapsed() < Duration::from_secs(1), "waited {:?} for the write timeout", start.elapsed());
-        client.stuck.store(false, Ordering::Relaxed);
-        // The goodbye goes out once the socket takes writes again.
-        let error = client.next_json().await;
-        assert_eq!(error["code"], "slow_consumer");
+        within_a_minute(async {
+            let (mut client, hub) = connect(write_timeout).await;
+            client.gate.close();
+            let start = Instant::now();
+            let app = hub.app("demo").unwrap().clone();
+            let data = serde_json::value::RawValue::from_string("1".into()).unwrap();
+            let from = Sender { uid: "bob", metadata: &[], wants_count: false };
+            // The first message is taken off the queue and its write waits; the next four
+            // fill the queue and the sixth finds it full, which kicks the session as a slow
+            // consumer.
+            for _ in 0..6 {
+                hub.send_direct(&app, from, "alice", &data).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            wait_for(|| app.registry.sessions_of("alice") == 0).await;
+            assert!(start.elapsed() < Duration::from_secs(1), "waited {:?} for the write timeout", start.elapsed());
+            client.gate.open();
+            // The goodbye goes out once the socket takes writes again.
+            let error = client.next_json().await;
+            assert_eq!(error["code"], "slow_consumer");
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_lets_a_stuck_write_finish_then_says_reconnect() {
+        within_a_minute(async {
+            let (mut client, hub) = connect(write_timeout).await;
+            client.gate.close();
+            client.to_server.send(ping()).unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            hub.shut_down();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(hub.connections(), 1, "the write is still under way");
+            client.gate.open();
+            // The frame that was being written is not lost; then the goodbye.
+            assert_eq!(client.next_json().await["type"], "pong");
+            let reconnect = client.next_json().await;
+            assert_eq!(
+                (reconnect["type"].as_str(), reconnect["reason"].as_str()),
+                (Some("reconnect"), Some("server_shutdown"))
+            );
+            wait_for(|| hub.connections() == 0).await;
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_connecting_during_shutdown_is_told_to_reconnect() {
+        within_a_minute(async {
+            let (mut client, hub) = connect(|c| {
+                heartbeat(c);
+                c.shutdown.reconnect_jitter = Duration::ZERO;
+            })
+            .await;
+            client.to_server.send(ping()).unwrap();
+            assert_eq!(client.next_json().await["type"], "pong");
+            hub.shut_down();
+            // Registered after the sweep: the session notices on its own.
+            let mut late = connect_to(&hub).await;
+            for c in [&mut client, &mut late] {
+                let reconnect = c.next_json().await;
+                assert_eq!(reconnect["reason"], "server_shutdown", "{reconnect}");
+            }
+        })
+        .await;
+    }
+
+    /// Fails a test that would otherwise wait forever (time is paused, so a minute passes
+    /// at once when nothing else is left to run).
+    async fn within_a_minute(test: impl std::future::Future<Output = ()>) {
+        tokio::time::timeout(Duration::from_secs(60), test).await.expect("the test finished within a minute");
     }
 
     async fn wait_for(cond: impl Fn() -> bool) {

@@ -160,7 +160,7 @@ where
 
 /// Accepts TCP clients until shutdown.
 pub async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, tracker: TaskTracker) {
-    let stop = hub.shutdown_token().clone();
+    let stop = hub.shutdown_token();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,

@@ -66,7 +66,7 @@ pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
 /// handshake, so handshakes in flight count toward `limits.max_connections`, and the
 /// handshake plus the WebSocket upgrade share one `limits.connect_timeout`.
 pub async fn accept_loop_wss(listener: TcpListener, acceptor: TlsAcceptor, hub: Arc<Hub>, tracker: TaskTracker) {
-    let stop = hub.shutdown_token().clone();
+    let stop = hub.shutdown_token();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,

@@ -251,7 +251,7 @@ pub async fn serve_connection<S>(
 
 /// Accepts plain WebSocket connections until shutdown.
 pub async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, tracker: TaskTracker) {
-    let stop = hub.shutdown_token().clone();
+    let stop = hub.shutdown_token();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
