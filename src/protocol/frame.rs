@@ -85,11 +85,11 @@ pub fn looks_like_object(bytes: &[u8]) -> bool {
     bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
 
-/// Decodes one client frame.
-pub fn decode_client_frame(bytes: &[u8]) -> Result<ClientFrame<'_>, DecodeError> {
+/// Decodes one client frame (UTF-8 already checked: the transports deliver text).
+pub fn decode_client_frame(text: &str) -> Result<ClientFrame<'_>, DecodeError> {
     // serde would read a struct from a JSON array by position; frames are objects only.
-    if !looks_like_object(bytes) {
-        return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+    if !looks_like_object(text.as_bytes()) {
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
             Ok(_) => DecodeError {
                 code: ErrorCode::InvalidFrame,
                 message: "frame must be a JSON object".into(),
@@ -102,7 +102,7 @@ pub fn decode_client_frame(bytes: &[u8]) -> Result<ClientFrame<'_>, DecodeError>
             },
         });
     }
-    let wire: Wire<'_> = serde_json::from_slice(bytes).map_err(|e| {
+    let wire: Wire<'_> = serde_json::from_str(text).map_err(|e| {
         let code = if e.is_data() { ErrorCode::InvalidFrame } else { ErrorCode::InvalidJson };
         let what = if e.is_data() { "frame has the wrong shape" } else { "frame is not valid JSON" };
         DecodeError { code, message: format!("{what}: {e}"), client_id: None }
@@ -359,7 +359,7 @@ mod tests {
 
     #[test]
     fn send_without_type_is_send() {
-        let f = decode_client_frame(br#"{"to":"bob","data":{"text":"hi"}}"#).unwrap();
+        let f = decode_client_frame(r#"{"to":"bob","data":{"text":"hi"}}"#).unwrap();
         let ClientFrame::Send(s) = f else { panic!() };
         assert_eq!(s.to, "bob");
         assert_eq!(s.data.get(), r#"{"text":"hi"}"#);
@@ -367,24 +367,24 @@ mod tests {
 
     #[test]
     fn ack_is_asked_for_unless_turned_off() {
-        let ack = |b: &[u8]| match decode_client_frame(b).unwrap() {
+        let ack = |t: &str| match decode_client_frame(t).unwrap() {
             ClientFrame::Send(s) => s.ack,
             ClientFrame::Publish(c) => c.ack,
             other => panic!("{other:?}"),
         };
-        assert!(ack(br#"{"to":"bob","data":1}"#));
-        assert!(ack(br#"{"to":"bob","data":1,"ack":true}"#));
-        assert!(!ack(br#"{"to":"bob","data":1,"ack":false}"#));
-        assert!(!ack(br#"{"type":"publish","channel":"c","data":1,"ack":false}"#));
-        let e = decode_client_frame(br#"{"to":"bob","data":1,"ack":0,"client_id":"c1"}"#).unwrap_err();
+        assert!(ack(r#"{"to":"bob","data":1}"#));
+        assert!(ack(r#"{"to":"bob","data":1,"ack":true}"#));
+        assert!(!ack(r#"{"to":"bob","data":1,"ack":false}"#));
+        assert!(!ack(r#"{"type":"publish","channel":"c","data":1,"ack":false}"#));
+        let e = decode_client_frame(r#"{"to":"bob","data":1,"ack":0,"client_id":"c1"}"#).unwrap_err();
         assert_eq!((e.code, e.client_id.as_deref()), (ErrorCode::InvalidFrame, Some("c1")));
         // Other frames ignore it, as they ignore every field they do not use.
-        assert!(matches!(decode_client_frame(br#"{"type":"ping","ack":"x"}"#), Ok(ClientFrame::Ping)));
+        assert!(matches!(decode_client_frame(r#"{"type":"ping","ack":"x"}"#), Ok(ClientFrame::Ping)));
     }
 
     #[test]
     fn escaped_strings_decode() {
-        let f = decode_client_frame(br#"{"type":"send","to":"b\u00f6b","data":1,"client_id":"a\"b"}"#).unwrap();
+        let f = decode_client_frame(r#"{"type":"send","to":"b\u00f6b","data":1,"client_id":"a\"b"}"#).unwrap();
         let ClientFrame::Send(s) = f else { panic!() };
         assert_eq!(s.to, "böb");
         assert_eq!(s.client_id.as_deref(), Some("a\"b"));
@@ -392,22 +392,22 @@ mod tests {
 
     #[test]
     fn errors_have_codes() {
-        let code = |b: &[u8]| decode_client_frame(b).unwrap_err().code;
-        assert_eq!(code(b"{nope"), ErrorCode::InvalidJson);
-        assert_eq!(code(b""), ErrorCode::InvalidJson);
-        assert_eq!(code(br#"{"to":5,"data":1}"#), ErrorCode::InvalidFrame);
-        assert_eq!(code(br#"[1,2]"#), ErrorCode::InvalidFrame);
-        assert_eq!(code(br#"["send","bob",1]"#), ErrorCode::InvalidFrame);
-        assert_eq!(code(br#" "text" "#), ErrorCode::InvalidFrame);
-        assert_eq!(code(br#"{"type":"send","to":"bob"}"#), ErrorCode::InvalidFrame);
-        assert_eq!(code(br#"{"type":"send","to":"","data":1}"#), ErrorCode::InvalidRecipient);
-        assert_eq!(code(br#"{"type":"dance"}"#), ErrorCode::UnknownType);
-        assert_eq!(code(br#"{"data":1}"#), ErrorCode::InvalidFrame);
+        let code = |t: &str| decode_client_frame(t).unwrap_err().code;
+        assert_eq!(code("{nope"), ErrorCode::InvalidJson);
+        assert_eq!(code(""), ErrorCode::InvalidJson);
+        assert_eq!(code(r#"{"to":5,"data":1}"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"[1,2]"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"["send","bob",1]"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#" "text" "#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"type":"send","to":"bob"}"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"type":"send","to":"","data":1}"#), ErrorCode::InvalidRecipient);
+        assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"data":1}"#), ErrorCode::InvalidFrame);
     }
 
     #[test]
     fn client_id_is_echoed_on_error() {
-        let e = decode_client_frame(br#"{"type":"send","to":"","data":1,"client_id":"c9"}"#).unwrap_err();
+        let e = decode_client_frame(r#"{"type":"send","to":"","data":1,"client_id":"c9"}"#).unwrap_err();
         assert_eq!(e.client_id.as_deref(), Some("c9"));
     }
 

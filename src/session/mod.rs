@@ -373,7 +373,7 @@ impl<T: FrameIo> Session<T> {
     async fn on_inbound(&mut self, item: Option<Result<Inbound, ReadError>>) -> Result<(), Exit> {
         match item {
             None => Err(Exit::Gone),
-            Some(Ok(Inbound::Frame(bytes))) => self.on_frame(&bytes).await,
+            Some(Ok(Inbound::Frame(text))) => self.on_frame(&text).await,
             Some(Ok(Inbound::Activity)) => Ok(()),
             Some(Err(ReadError::Io(e))) => {
                 debug!(error = %e, "read failed");
@@ -390,8 +390,8 @@ impl<T: FrameIo> Session<T> {
         }
     }
 
-    async fn on_frame(&mut self, bytes: &[u8]) -> Result<(), Exit> {
-        let frame = match decode_client_frame(bytes) {
+    async fn on_frame(&mut self, text: &str) -> Result<(), Exit> {
+        let frame = match decode_client_frame(text) {
             Ok(frame) => frame,
             Err(e) => return self.error(e.code, &e.message, e.client_id.as_deref()).await,
         };
@@ -606,6 +606,7 @@ mod tests {
 
     use futures_util::{Sink, Stream};
     use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+    use tokio_tungstenite::tungstenite::Utf8Bytes;
 
     use super::*;
     use crate::cluster::{Addrs, NodeInfo};
@@ -750,7 +751,7 @@ mod tests {
     async fn kick_wins_over_a_busy_connection() {
         let (mut client, hub) = connect(heartbeat).await;
         for _ in 0..100 {
-            client.to_server.send(Ok(Inbound::Frame(bytes::Bytes::from_static(br#"{"type":"ping"}"#)))).unwrap();
+            client.to_server.send(ping()).unwrap();
         }
         hub.shut_down();
         // At most the frames already being handled are answered before the goodbye.
@@ -766,7 +767,7 @@ mod tests {
     }
 
     fn ping() -> Result<Inbound, ReadError> {
-        Ok(Inbound::Frame(bytes::Bytes::from_static(br#"{"type":"ping"}"#)))
+        Ok(Inbound::Frame(Utf8Bytes::from_static(r#"{"type":"ping"}"#)))
     }
 
     fn write_timeout(c: &mut Config) {

@@ -14,8 +14,8 @@ pub mod ws;
 use std::fmt;
 use std::io;
 
-use bytes::Bytes;
 use futures_util::{Sink, Stream};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::protocol::{ErrorCode, Frame};
 
@@ -46,8 +46,8 @@ impl fmt::Display for Transport {
 /// Something received from a client.
 #[derive(Debug)]
 pub enum Inbound {
-    /// One JSON frame (UTF-8 text).
-    Frame(Bytes),
+    /// One JSON frame, its UTF-8 checked by the transport (so decoding does not check again).
+    Frame(Utf8Bytes),
     /// Proof of life without a frame (a WebSocket ping or pong).
     Activity,
 }

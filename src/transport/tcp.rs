@@ -10,6 +10,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{Sink, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::codec::{Framed, LengthDelimitedCodec, LengthDelimitedCodecError};
 use tokio_util::task::TaskTracker;
 
@@ -57,8 +58,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for TcpIo<S> {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         Poll::Ready(match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
             None => None,
-            Some(Ok(frame)) if std::str::from_utf8(&frame).is_err() => Some(Err(ReadError::InvalidUtf8)),
-            Some(Ok(frame)) => Some(Ok(Inbound::Frame(frame.freeze()))),
+            Some(Ok(frame)) => Some(match Utf8Bytes::try_from(frame.freeze()) {
+                Ok(text) => Ok(Inbound::Frame(text)),
+                Err(_) => Err(ReadError::InvalidUtf8),
+            }),
             Some(Err(e)) if e.get_ref().is_some_and(|inner| inner.is::<LengthDelimitedCodecError>()) => {
                 Some(Err(ReadError::TooLarge))
             }
@@ -206,10 +209,10 @@ mod tests {
             far
         });
         let Some(Ok(Inbound::Frame(first))) = io.next().await else { panic!("no first frame") };
-        assert_eq!(first, big.as_bytes());
+        assert_eq!(first, big.as_str());
         for i in 0..500 {
             let Some(Ok(Inbound::Frame(f))) = io.next().await else { panic!("frame {i} missing") };
-            assert_eq!(f, format!(r#"{{"n":{i}}}"#).as_bytes());
+            assert_eq!(f, format!(r#"{{"n":{i}}}"#).as_str());
         }
         drop(writer.await.unwrap());
         assert!(io.next().await.is_none(), "the peer closed");

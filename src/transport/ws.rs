@@ -84,7 +84,7 @@ where
         loop {
             let item = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
                 None => return Poll::Ready(None),
-                Some(Ok(Message::Text(text))) => Ok(Inbound::Frame(Bytes::from(text))),
+                Some(Ok(Message::Text(text))) => Ok(Inbound::Frame(text)),
                 Some(Ok(Message::Binary(_))) => Err(ReadError::Binary),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(Inbound::Activity),
                 // The client closed; tungstenite queues the close reply, flushed on close().
