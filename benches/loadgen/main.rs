@@ -200,7 +200,7 @@ async fn main() -> anyhow::Result<()> {
                     "direct: {pairs} pairs at {half:.0} msg/s (half of peak), {}{suffix}",
                     system.name()
                 ));
-                let paced = DirectOpts { rate: Some(half), window: 10_000, ..opts };
+                let paced = opts.paced(half);
                 let label = format!("half-peak{suffix}");
                 report.direct.push(scenarios::direct(&server, &server.endpoint.over(wire), &label, &paced).await?);
             }
@@ -220,7 +220,7 @@ async fn main() -> anyhow::Result<()> {
                 for &rate in rates {
                     let server = target::start(system)?;
                     progress(&format!("latency: {} pairs at {rate:.0} msg/s, {}{suffix}", opts.pairs, system.name()));
-                    let paced = DirectOpts { rate: Some(rate), window: 10_000, ack, ..opts.clone() };
+                    let paced = DirectOpts { ack, ..opts.clone() }.paced(rate);
                     let label = format!("{}k/s{suffix}", rate / 1000.0);
                     report.latency.push(scenarios::direct(&server, &server.endpoint, &label, &paced).await?);
                 }

@@ -134,6 +134,14 @@ pub struct DirectOpts {
     pub ack: bool,
 }
 
+impl DirectOpts {
+    /// The same run paced at `rate` msg/s in all: each sender sends on its own timer, and the
+    /// window only bounds how far ahead of a stalled receiver it may get.
+    pub fn paced(self, rate: f64) -> Self {
+        Self { rate: Some(rate), window: 10_000, ..self }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DirectResult {
     pub system: &'static str,
