@@ -325,11 +325,14 @@ impl Hub {
         // flag right after registering (`session::start`).
         self.stopping.store(true, Ordering::SeqCst);
         self.shutdown.cancel();
-        for app in self.apps.values() {
-            for (_, session) in app.registry.all_sessions() {
-                session.control.kick(ErrorCode::ServerShutdown);
-            }
+        for session in self.sessions() {
+            session.control.kick(ErrorCode::ServerShutdown);
         }
+    }
+
+    /// Every session of every app on this node, now.
+    fn sessions(&self) -> Vec<SessionHandle> {
+        self.apps.values().flat_map(|a| a.registry.all_sessions()).map(|(_, h)| h).collect()
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -735,8 +738,7 @@ impl Hub {
                 warn!(error = %e, "could not announce draining; other nodes will see it at the next heartbeat");
             }
         }
-        let sessions: Vec<SessionHandle> =
-            self.apps.values().flat_map(|a| a.registry.all_sessions()).map(|(_, h)| h).collect();
+        let sessions = self.sessions();
         let n = sessions.len();
         info!(connections = n, ?window, "draining: moving clients to other nodes");
         let started = tokio::time::Instant::now();
