@@ -60,6 +60,36 @@ async fn connected_frame_describes_the_session() {
     assert!(hello["conn_id"].as_str().is_some_and(|s| !s.is_empty()));
 }
 
+/// The upgrade response and the `connected` frame reach the client in one TCP segment: the
+/// server holds the first until the second joins it (TCP_CORK). That it lets go after is
+/// checked next to `WsIo`.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn upgrade_response_and_connected_frame_arrive_in_one_segment() {
+    let s = TestServer::spawn().await;
+    let mut c = WsClient::connect(&s.ws_url(&format!("app_id=demo&token={}", token("demo", "una")))).await;
+    assert_eq!(c.recv().await["type"], "connected");
+    let tokio_tungstenite::MaybeTlsStream::Plain(socket) = c.ws.get_ref() else { unreachable!("plain ws://") };
+    assert_eq!(data_segments_received(socket), 1);
+}
+
+/// `tcpi_data_segs_in` of a socket's `TCP_INFO`: segments received that carried data.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn data_segments_received(socket: &tokio::net::TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, a plain C struct for which
+    // all zeroes is a valid value, on a descriptor `socket` keeps open.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc =
+            libc::getsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len);
+        assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        info.tcpi_data_segs_in
+    }
+}
+
 #[tokio::test]
 async fn every_device_of_a_user_receives() {
     let s = TestServer::spawn().await;

@@ -37,6 +37,10 @@ impl<S> ReadAhead<S> {
         Self { inner, rest: Vec::new(), taken: 0 }
     }
 
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     /// Bytes read from the socket that the caller has not taken yet.
     pub fn buffered(&self) -> usize {
         self.rest.len() - self.taken

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use super::readahead::ReadAhead;
-use super::{Inbound, Outbound, ReadError, Transport};
+use super::{Cork, Inbound, Outbound, ReadError, Transport};
 use crate::hub::{ConnGuard, Hub};
 use crate::protocol::ErrorCode;
 use crate::session::{self, ConnectRequest};
@@ -37,6 +37,8 @@ const LINGER_MAX_BYTES: usize = 256 * 1024;
 pub struct WsIo<S> {
     inner: WebSocketStream<S>,
     close: CloseState,
+    /// The socket was corked for the handshake ([`Cork`]): released at the first flush.
+    corked: bool,
     drained: usize,
 }
 
@@ -55,10 +57,24 @@ enum CloseState {
 
 impl<S> WsIo<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Cork + Unpin,
 {
     pub fn new(inner: WebSocketStream<S>) -> Self {
-        Self { inner, close: CloseState::Open, drained: 0 }
+        Self { inner, close: CloseState::Open, corked: false, drained: 0 }
+    }
+
+    /// Takes a connection whose socket was corked before the handshake; the first flush (or
+    /// close) releases it.
+    pub fn uncork_at_first_flush(mut self) -> Self {
+        self.corked = true;
+        self
+    }
+
+    fn uncork(&mut self) {
+        if self.corked {
+            self.corked = false;
+            self.inner.get_ref().set_cork(false);
+        }
     }
 
     /// Wraps a stream on which the handshake already happened elsewhere.
@@ -103,7 +119,7 @@ where
 
 impl<S> Sink<Outbound> for WsIo<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Cork + Unpin,
 {
     type Error = io::Error;
 
@@ -123,7 +139,9 @@ where
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx).map_err(to_io)
+        let flushed = ready!(Pin::new(&mut self.inner).poll_flush(cx));
+        self.uncork();
+        Poll::Ready(flushed.map_err(to_io))
     }
 
     /// Completes the close handshake: sends a close frame unless one was sent, reads (and
@@ -131,6 +149,8 @@ where
     /// Bounded by [`LINGER_MAX_BYTES`]; callers bound it in time.
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        // The close handshake waits for the client, which must see our close frame first.
+        this.uncork();
         loop {
             this.close = match this.close {
                 CloseState::Open => {
@@ -207,7 +227,7 @@ pub async fn serve_connection<S>(
     guard: Option<ConnGuard>,
     deadline: tokio::time::Instant,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Cork + Unpin + Send + 'static,
 {
     let limits = &hub.config().limits;
     let full = guard.is_none();
@@ -226,6 +246,9 @@ pub async fn serve_connection<S>(
         query = Some(req.uri().query().unwrap_or_default().to_string());
         Ok(resp)
     };
+    // Held until the session's first reply joins the upgrade response (or the socket
+    // closes, for a refused upgrade).
+    stream.set_cork(true);
     let handshake =
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config(limits.max_frame_bytes)));
     let ws = match tokio::time::timeout_at(deadline, handshake).await {
@@ -246,7 +269,7 @@ pub async fn serve_connection<S>(
     };
     let (Some(guard), Some(query)) = (guard, query) else { return };
     let request = ConnectRequest::from_query(&query, transport, remote);
-    session::start(WsIo::new(ws), hub, request, guard).await;
+    session::start(WsIo::new(ws).uncork_at_first_flush(), hub, request, guard).await;
 }
 
 /// Accepts plain WebSocket connections until shutdown.
@@ -273,5 +296,49 @@ pub async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, tracker: TaskTrac
             }
             Err(e) => super::accept_backoff(&e).await,
         }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use futures_util::SinkExt;
+    use socket2::SockRef;
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    async fn corked_pair() -> (WsIo<TcpStream>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        server.set_cork(true);
+        let ws = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
+        (WsIo::new(ws).uncork_at_first_flush(), client)
+    }
+
+    fn corked(io: &WsIo<TcpStream>) -> bool {
+        SockRef::from(io.inner.get_ref()).tcp_cork().unwrap()
+    }
+
+    /// Held only until the session's first reply: a socket left corked would hold every
+    /// later frame for the kernel's 200 ms.
+    #[tokio::test]
+    async fn the_first_flush_releases_the_socket() {
+        let (mut io, _client) = corked_pair().await;
+        assert!(corked(&io));
+        io.feed(Outbound::Ping).await.unwrap();
+        assert!(corked(&io), "feeding alone does not release");
+        io.flush().await.unwrap();
+        assert!(!corked(&io));
+    }
+
+    /// A session that closes without a flush (it found nothing to say) releases too: the
+    /// client has to see the close frame to answer it.
+    #[tokio::test]
+    async fn closing_releases_the_socket() {
+        let (mut io, _client) = corked_pair().await;
+        // The client never answers; one poll of the close is enough.
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(50), io.close()).await;
+        assert!(!corked(&io));
     }
 }
