@@ -91,3 +91,33 @@ fn every_scenario_runs_in_smoke_mode() {
     assert!(r["cluster_idle_node_cpu_ms"].as_f64().is_some());
     assert!(stdout.contains("ratios"), "{stdout}");
 }
+
+/// `latency --rates`: the operator's own offered loads, each run paced at that rate.
+#[test]
+fn latency_runs_at_the_rates_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("results.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["--smoke", "--peers", "none", "--rates", "300,1500", "latency", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let runs = r["latency"].as_array().unwrap();
+    let rows: Vec<(&str, f64)> =
+        runs.iter().map(|d| (d["label"].as_str().unwrap(), d["target_rate"].as_f64().unwrap())).collect();
+    assert_eq!(rows, [("0.3k/s", 300.0), ("1.5k/s", 1500.0), ("0.3k/s, no ack", 300.0), ("1.5k/s, no ack", 1500.0)]);
+    for d in runs {
+        assert!(d["delivered"].as_u64().unwrap() > 0 && d["refused"].as_u64() == Some(0), "{d}");
+    }
+
+    // A rate that cannot pace anything is refused before any server starts.
+    for bad in ["0", "-5", "fast", "inf"] {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_loadgen")).args([&format!("--rates={bad}"), "latency"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "--rates {bad}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("not a rate in messages per second"), "--rates {bad}: {stderr}");
+    }
+}

@@ -82,6 +82,9 @@ struct Args {
     /// Subscribers of the one channel in `fanout`.
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
+    /// Offered loads of `latency`, msg/s in all, comma-separated (default: 10000,30000,100000,200000).
+    #[arg(long, value_delimiter = ',', value_parser = parse_rate)]
+    rates: Option<Vec<f64>>,
     /// Rounds of the `plugins` comparison (the median round is reported).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -211,7 +214,11 @@ async fn main() -> anyhow::Result<()> {
         // The same offered load for every system (half of each one's own peak, above, is a
         // different load per system): where does p99 stay low?
         let opts = direct_opts(&args, warmup, duration);
-        let rates: &[f64] = if args.smoke { &[400.0] } else { &LATENCY_RATES };
+        let rates: &[f64] = match &args.rates {
+            Some(rates) => rates,
+            None if args.smoke => &[400.0],
+            None => &LATENCY_RATES,
+        };
         for &system in &systems {
             // switchboard as used by default (acknowledged), and without acks like the peers.
             let acks: &[(bool, &str)] =
@@ -376,6 +383,15 @@ async fn cluster(args: &Args, warmup: Duration, duration: Duration, report: &mut
 /// Offered loads (msg/s) of the `latency` scenario: from light to about half of the peers'
 /// WebSocket peaks on a 2-core machine.
 const LATENCY_RATES: [f64; 4] = [10_000.0, 30_000.0, 100_000.0, 200_000.0];
+
+/// A `--rates` entry: messages per second, at least 1 (a paced sender's period is derived
+/// from it).
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate >= 1.0 => Ok(rate),
+        _ => Err(format!("{s:?} is not a rate in messages per second (a number, at least 1)")),
+    }
+}
 
 /// The transports connections are measured on, with their labels.
 const WIRES: [(Wire, &str); 2] = [(Wire::WebSocket, "idle"), (Wire::Tcp, "idle, tcp")];
