@@ -135,8 +135,11 @@ fn token(endpoint: &Endpoint, uid: &str) -> String {
     }
 }
 
+/// Frames are written when the caller flushes (or 16 KiB are waiting), so that a sender that
+/// feeds several messages and then flushes puts them on the wire in one write, as it does
+/// over TCP; tungstenite's `write_buffer_size(0)` would write every frame at once.
 fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0).max_message_size(Some(1 << 20))
+    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(16 * 1024).max_message_size(Some(1 << 20))
 }
 
 /// Opens a TCP connection to `to` from `source` (an address in 127.0.0.0/8, so that many

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use futures_util::FutureExt as _;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::{Notify, Semaphore};
@@ -250,8 +251,15 @@ pub async fn direct_between(
                 t
             });
             while !stop.load(Ordering::Relaxed) {
+                // Paced: every message whose time has come (the timer wakes at most once a
+                // millisecond, so at high rates several are due at each wake-up).
+                let mut due = 0;
                 if let Some(t) = &mut tick {
                     t.tick().await;
+                    due = 1;
+                    while due < opts.window && t.tick().now_or_never().is_some() {
+                        due += 1;
+                    }
                 }
                 // Window: wait while too many are in flight.
                 loop {
@@ -261,8 +269,8 @@ pub async fn direct_between(
                     }
                     let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
                 }
-                // Fill the window (one message when paced), then flush once.
-                let room = if tick.is_some() { 1 } else { opts.window.saturating_sub(sent - state.settled()) };
+                // Fill the window (the messages due, when paced), then flush once.
+                let room = if tick.is_some() { due } else { opts.window.saturating_sub(sent - state.settled()) };
                 for _ in 0..room.max(1) {
                     writer.feed(&to, &payload(opts.payload)).await?;
                     sent += 1;
