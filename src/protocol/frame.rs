@@ -252,8 +252,59 @@ impl Serialize for ErrorCode {
 
 impl ServerFrame<'_> {
     pub fn encode(&self) -> Frame {
+        if let ServerFrame::Ack { client_id, msg_id, status, delivered, dropped, cluster } = *self {
+            return encode_ack(client_id, msg_id, status, delivered, dropped, cluster);
+        }
         // Serialising these plain structs cannot fail.
         Frame::from(serde_json::to_string(self).expect("server frame serialises"))
+    }
+}
+
+/// The `ack` frame, one per message sent: written out by hand, byte for byte what the
+/// derived `Serialize` gives (a test holds them together), without serde's per-key escaping.
+fn encode_ack(
+    client_id: Option<&str>,
+    msg_id: &str,
+    status: &str,
+    delivered: usize,
+    dropped: usize,
+    cluster: Option<&str>,
+) -> Frame {
+    let mut out = String::with_capacity(96 + client_id.map_or(0, str::len) + msg_id.len());
+    out.push_str(r#"{"type":"ack""#);
+    if let Some(client_id) = client_id {
+        out.push_str(r#","client_id":"#);
+        push_json_str(&mut out, client_id);
+    }
+    out.push_str(r#","msg_id":"#);
+    push_json_str(&mut out, msg_id);
+    out.push_str(r#","status":"#);
+    push_json_str(&mut out, status);
+    out.push_str(r#","delivered":"#);
+    out.push_str(itoa::Buffer::new().format(delivered));
+    if dropped != 0 {
+        out.push_str(r#","dropped":"#);
+        out.push_str(itoa::Buffer::new().format(dropped));
+    }
+    if let Some(cluster) = cluster {
+        out.push_str(r#","cluster":"#);
+        push_json_str(&mut out, cluster);
+    }
+    out.push('}');
+    Frame::from(out)
+}
+
+/// Appends `s` as a JSON string, escaped exactly as serde_json escapes it. User ids, message
+/// ids and the like seldom need it: those are copied in one go.
+fn push_json_str(out: &mut String, s: &str) {
+    // No early exit, so that the check runs over whole vectors.
+    let plain = s.bytes().fold(true, |plain, b| plain & (b >= 0x20) & (b != b'"') & (b != b'\\'));
+    if plain {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).expect("a string serialises"));
     }
 }
 
@@ -294,13 +345,33 @@ impl Serialize for Envelope<'_> {
 }
 
 /// Encodes the `message` frame once; the bytes are shared by every connection it goes to.
+/// Written out by hand, byte for byte what `Envelope`'s `Serialize` gives (a test holds them
+/// together): this runs for every message, and serde escapes every key it writes.
 pub fn encode_message(envelope: &Envelope<'_>) -> Frame {
     // The fixed keys and punctuation take under 120 bytes.
     let e = envelope;
     let fields = [e.from, e.to, e.channel.unwrap_or(""), e.data.get(), e.msg_id, e.conversation_id];
-    let mut out = Vec::with_capacity(160 + fields.iter().map(|f| f.len()).sum::<usize>());
-    serde_json::to_writer(&mut out, envelope).expect("message serialises");
-    Frame::from(String::from_utf8(out).expect("serde_json writes UTF-8"))
+    let mut out = String::with_capacity(160 + fields.iter().map(|f| f.len()).sum::<usize>());
+    out.push_str(r#"{"type":"message","from":"#);
+    push_json_str(&mut out, e.from);
+    out.push_str(r#","to":"#);
+    push_json_str(&mut out, e.to);
+    if let Some(channel) = e.channel {
+        out.push_str(r#","channel":"#);
+        push_json_str(&mut out, channel);
+    }
+    out.push_str(r#","event":"#);
+    out.push_str(itoa::Buffer::new().format(e.event));
+    out.push_str(r#","data":"#);
+    out.push_str(e.data.get());
+    out.push_str(r#","msg_id":"#);
+    push_json_str(&mut out, e.msg_id);
+    out.push_str(r#","send_at":"#);
+    out.push_str(itoa::Buffer::new().format(e.send_at));
+    out.push_str(r#","conversation_id":"#);
+    push_json_str(&mut out, e.conversation_id);
+    out.push('}');
+    Frame::from(out)
 }
 
 /// One encoded server frame: JSON text, known to be UTF-8 (so no transport validates it
@@ -441,6 +512,59 @@ mod tests {
         assert_eq!(
             channel.as_str(),
             r#"{"type":"message","from":"a\"b","to":"room:1","channel":"room:1","event":2,"data":{"z":1,  "a":[true]},"msg_id":"m2","send_at":8,"conversation_id":"c:room:1"}"#
+        );
+    }
+
+    /// Strings that need every kind of escape serde_json makes, and some that need none.
+    const AWKWARD: [&str; 9] =
+        ["", "alice", "a\"b", "back\\slash", "tab\tnew\nline\r", "\u{1}\u{1f}", "\u{7f}é漢🙂", "/</script>", "d:0f"];
+
+    #[test]
+    fn message_frame_is_what_serde_writes() {
+        let data = RawValue::from_string(r#"{"t":"x\"y"}"#.into()).unwrap();
+        for (i, s) in AWKWARD.iter().enumerate() {
+            let other = AWKWARD[(i + 3) % AWKWARD.len()];
+            for channel in [None, Some(other)] {
+                let e = Envelope {
+                    from: s,
+                    to: other,
+                    channel,
+                    event: u16::MAX,
+                    data: &data,
+                    msg_id: other,
+                    send_at: u64::MAX - i as u64,
+                    conversation_id: s,
+                };
+                let serde = serde_json::to_string(&e).unwrap();
+                assert_eq!(encode_message(&e).as_str(), serde, "{e:?}");
+                let parsed: serde_json::Value = serde_json::from_str(&serde).unwrap();
+                assert_eq!((parsed["from"].as_str(), parsed["to"].as_str()), (Some(*s), Some(other)));
+            }
+        }
+    }
+
+    #[test]
+    fn ack_frame_is_what_serde_writes() {
+        for (i, s) in AWKWARD.iter().enumerate() {
+            for (delivered, dropped, cluster) in [(0, 0, None), (3, 0, None), (1, 2, Some("unavailable"))] {
+                for client_id in [None, Some(AWKWARD[(i + 1) % AWKWARD.len()])] {
+                    let ack =
+                        ServerFrame::Ack { client_id, msg_id: s, status: "delivered", delivered, dropped, cluster };
+                    assert_eq!(ack.encode().as_str(), serde_json::to_string(&ack).unwrap(), "{ack:?}");
+                }
+            }
+        }
+        let ack = ServerFrame::Ack {
+            client_id: Some("c1"),
+            msg_id: "m1",
+            status: "dropped",
+            delivered: 0,
+            dropped: 2,
+            cluster: None,
+        };
+        assert_eq!(
+            ack.encode().as_str(),
+            r#"{"type":"ack","client_id":"c1","msg_id":"m1","status":"dropped","delivered":0,"dropped":2}"#
         );
     }
 
