@@ -75,7 +75,12 @@ fn send_direct(c: &mut Criterion) {
                     let start = Instant::now();
                     for _ in 0..iters {
                         let sent = hub
-                            .send_direct(&app, Sender { uid: "alice", metadata: &[], wants_count: true }, "bob", &data)
+                            .send_direct(
+                                &app,
+                                Sender { uid: "alice", metadata: &[], wants_count: true, conversation: None },
+                                "bob",
+                                &data,
+                            )
                             .await
                             .unwrap();
                         assert_eq!(sent.delivery.local.sessions, 1);

@@ -5,6 +5,7 @@
 //! to the recipients' sessions. The hub owns the apps, their registries and the current
 //! plugin set; it does not do I/O itself.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -97,6 +98,9 @@ pub struct Sender<'a> {
     /// Whether the delivery count is wanted (an `ack`). Without it, other nodes of a
     /// cluster are not asked for theirs.
     pub wants_count: bool,
+    /// The conversation id of this sender and the direct recipient, when the caller has it
+    /// at hand (a session remembers the one of its last recipient); worked out otherwise.
+    pub conversation: Option<&'a str>,
 }
 
 /// Where a message went: this node's sessions now, the other nodes' answers to come.
@@ -470,18 +474,21 @@ impl Hub {
     }
 
     /// Runs the filters and encodes one message; the frame to deliver, or why not.
+    /// `conversation`: a direct message's conversation id, if the caller knows it already.
     fn prepare(
         &self,
         app: &App,
         msg: &FilterMessage<'_>,
         channel: Option<&str>,
+        conversation: Option<&str>,
         max_bytes: usize,
     ) -> Result<Frame, Refused> {
         let rewritten = self.filter(msg, max_bytes).inspect_err(|refused| app.metrics.denied(refused.code))?;
         let data = rewritten.as_deref().unwrap_or(msg.data);
-        let conversation = match channel {
-            Some(c) => format!("c:{c}"),
-            None => conversation_id(&app.id, msg.from, msg.to),
+        let conversation = match (channel, conversation) {
+            (Some(c), _) => Cow::Owned(format!("c:{c}")),
+            (None, Some(known)) => Cow::Borrowed(known),
+            (None, None) => Cow::Owned(conversation_id(&app.id, msg.from, msg.to)),
         };
         Ok(encode_message(&Envelope {
             from: msg.from,
@@ -541,7 +548,7 @@ impl Hub {
             send_at,
             sender_metadata: from.metadata,
         };
-        let frame = self.prepare(app, &msg, channel, max_bytes)?;
+        let frame = self.prepare(app, &msg, channel, from.conversation, max_bytes)?;
         let delivery = self.deliver(target, &frame, from.wants_count).await;
         Ok(Sent { msg_id, send_at, delivery })
     }
@@ -571,7 +578,7 @@ impl Hub {
                 send_at,
                 sender_metadata: &[],
             };
-            deliveries.push(match self.prepare(app, &msg, None, max_bytes) {
+            deliveries.push(match self.prepare(app, &msg, None, None, max_bytes) {
                 Ok(frame) => Ok(self.deliver(Target::User { app: &app.id, uid: to }, &frame, true).await),
                 Err(refused) => Err(refused),
             });

@@ -43,6 +43,27 @@ async fn ws_to_tcp_direct_message_with_ack() {
     assert_eq!(reply["conversation_id"], conv);
 }
 
+/// A session remembers its last recipient's conversation id; switching peers back and forth
+/// must never reuse the wrong one.
+#[tokio::test]
+async fn conversation_ids_follow_the_recipient() {
+    let s = TestServer::spawn().await;
+    let mut alice = s.ws("demo", "alice").await;
+    let mut bob = s.ws("demo", "bob").await;
+    let mut carol = s.tcp("demo", "carol").await;
+    for (to, text) in [("bob", "1"), ("bob", "2"), ("carol", "3"), ("bob", "4"), ("carol", "5")] {
+        alice.send_json(&json!({"to": to, "data": text})).await;
+        assert_eq!(alice.recv().await["status"], "delivered");
+        let msg = if to == "bob" { bob.recv().await } else { carol.recv().await };
+        assert_eq!(msg["data"], text);
+        let expected = switchboard::protocol::conversation_id("demo", "alice", to);
+        assert_eq!(msg["conversation_id"], expected.as_str(), "message {text} to {to}");
+    }
+    // The other way round, the same conversation.
+    bob.send_json(&json!({"to": "alice", "data": "back"})).await;
+    assert_eq!(alice.recv().await["conversation_id"], switchboard::protocol::conversation_id("demo", "bob", "alice"));
+}
+
 #[tokio::test]
 async fn connected_frame_describes_the_session() {
     let s = TestServer::with(|c| {

@@ -100,7 +100,7 @@ async fn publish_checked(
     signed.commit(hub, &req.nonce)?;
     signed.app.metrics.from_channel_api.inc();
     let max_bytes = hub.config().limits.max_http_body_bytes;
-    let from = Sender { uid: from, metadata: &[], wants_count: true };
+    let from = Sender { uid: from, metadata: &[], wants_count: true, conversation: None };
     match hub.publish_channel(signed.app, from, channel, req.message, max_bytes).await {
         Ok(sent) => {
             let outcome = sent.delivery.finish().await;

@@ -19,7 +19,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{Instrument, debug, info_span};
 
 use crate::hub::{App, ConnGuard, Hub, Identity, Outcome, Sender, Sent};
-use crate::protocol::{ClientFrame, ErrorCode, Frame, ServerFrame, decode_client_frame};
+use crate::protocol::{ClientFrame, ErrorCode, Frame, ServerFrame, conversation_id, decode_client_frame};
 use crate::registry::{SessionControl, SessionHandle};
 use crate::transport::{FrameIo, Inbound, Outbound, ReadError, Transport};
 
@@ -147,6 +147,7 @@ pub async fn start<T: FrameIo>(io: T, hub: Arc<Hub>, request: ConnectRequest, gu
         handle,
         channels: Vec::new(),
         last_seen: Instant::now(),
+        conversation: None,
     };
     async move {
         debug!("connected");
@@ -185,6 +186,9 @@ struct Session<T> {
     bucket: TokenBucket,
     /// When the client last sent anything; drives the idle timeout.
     last_seen: Instant,
+    /// The last direct recipient and this user's conversation id with them: messages tend
+    /// to go to the same peer many times in a row, and the id costs a SHA-256.
+    conversation: Option<(Box<str>, Box<str>)>,
 }
 
 /// Why a session ended.
@@ -402,7 +406,13 @@ impl<T: FrameIo> Session<T> {
                 if !self.bucket.try_take(self.last_seen) {
                     return self.rate_limited(client_id).await;
                 }
-                let from = Sender { uid: &self.uid, metadata: &self.metadata, wants_count: send.ack };
+                self.remember_conversation(&send.to);
+                let from = Sender {
+                    uid: &self.uid,
+                    metadata: &self.metadata,
+                    wants_count: send.ack,
+                    conversation: self.conversation.as_ref().map(|(_, id)| &**id),
+                };
                 match self.hub.send_direct(&self.app, from, &send.to, send.data).await {
                     Ok(_) if !send.ack => Ok(()),
                     Ok(sent) => self.ack(client_id, sent).await,
@@ -444,7 +454,7 @@ impl<T: FrameIo> Session<T> {
                 }
                 let data = c.data.expect("decode requires data on publish");
                 let max = self.hub.config().limits.max_frame_bytes;
-                let from = Sender { uid: &self.uid, metadata: &self.metadata, wants_count: c.ack };
+                let from = Sender { uid: &self.uid, metadata: &self.metadata, wants_count: c.ack, conversation: None };
                 match self.hub.publish_channel(&self.app, from, &c.channel, data, max).await {
                     Ok(_) if !c.ack => Ok(()),
                     Ok(sent) => self.ack(client_id, sent).await,
@@ -471,6 +481,14 @@ impl<T: FrameIo> Session<T> {
             let _ = handle.offer(&ack_frame(client_id.as_deref(), &sent.msg_id, &outcome), max_bytes);
         });
         Ok(())
+    }
+
+    /// Makes [`Session::conversation`] the one with `to`.
+    fn remember_conversation(&mut self, to: &str) {
+        if self.conversation.as_ref().is_none_or(|(peer, _)| **peer != *to) {
+            let id = conversation_id(&self.app.id, &self.uid, to);
+            self.conversation = Some((to.into(), id.into()));
+        }
     }
 
     async fn rate_limited(&mut self, client_id: Option<&str>) -> Result<(), Exit> {
@@ -805,7 +823,7 @@ mod tests {
             let start = Instant::now();
             let app = hub.app("demo").unwrap().clone();
             let data = serde_json::value::RawValue::from_string("1".into()).unwrap();
-            let from = Sender { uid: "bob", metadata: &[], wants_count: false };
+            let from = Sender { uid: "bob", metadata: &[], wants_count: false, conversation: None };
             // The first message is taken off the queue and its write waits; the next four
             // fill the queue and the sixth finds it full, which kicks the session as a slow
             // consumer.
