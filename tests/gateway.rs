@@ -92,6 +92,13 @@ async fn upgrade_response_and_connected_frame_arrive_in_one_segment() {
     assert_eq!(c.recv().await["type"], "connected");
     let tokio_tungstenite::MaybeTlsStream::Plain(socket) = c.ws.get_ref() else { unreachable!("plain ws://") };
     assert_eq!(data_segments_received(socket), 1);
+
+    // A refusal too: the upgrade response, the error frame and the close frame together.
+    let mut refused = WsClient::connect(&s.ws_url("app_id=demo&token=nope")).await;
+    let (frames, _, reason) = refused.expect_close().await;
+    assert_eq!((frames[0]["type"].as_str(), reason.as_str()), (Some("error"), frames[0]["code"].as_str().unwrap()));
+    let tokio_tungstenite::MaybeTlsStream::Plain(socket) = refused.ws.get_ref() else { unreachable!("plain ws://") };
+    assert_eq!(data_segments_received(socket), 1);
 }
 
 /// `tcpi_data_segs_in` of a socket's `TCP_INFO`: segments received that carried data.

@@ -384,12 +384,12 @@ async fn cluster(args: &Args, warmup: Duration, duration: Duration, report: &mut
 /// WebSocket peaks on a 2-core machine.
 const LATENCY_RATES: [f64; 4] = [10_000.0, 30_000.0, 100_000.0, 200_000.0];
 
-/// A `--rates` entry: messages per second, at least 1 (a paced sender's period is derived
-/// from it).
+/// A `--rates` entry: messages per second in all, from 1 to 100,000,000 (each of the
+/// `--pairs` senders sends one message every `pairs / rate` seconds).
 fn parse_rate(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
-        Ok(rate) if rate.is_finite() && rate >= 1.0 => Ok(rate),
-        _ => Err(format!("{s:?} is not a rate in messages per second (a number, at least 1)")),
+        Ok(rate) if (1.0..=1e8).contains(&rate) => Ok(rate),
+        _ => Err(format!("{s:?} is not a rate in messages per second (a number from 1 to 100000000)")),
     }
 }
 

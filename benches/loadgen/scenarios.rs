@@ -244,6 +244,8 @@ pub async fn direct_between(
         let to = format!("r{i}");
         senders.spawn(async move {
             let mut sent: u64 = 0;
+            // Paced: messages whose time has come and that are not sent yet.
+            let mut owed: u64 = 0;
             let mut tick = opts.rate.map(|rate| {
                 let period = Duration::from_secs_f64(opts.pairs as f64 / rate);
                 let mut t = tokio::time::interval(period);
@@ -252,13 +254,17 @@ pub async fn direct_between(
             });
             while !stop.load(Ordering::Relaxed) {
                 // Paced: every message whose time has come (the timer wakes at most once a
-                // millisecond, so at high rates several are due at each wake-up).
-                let mut due = 0;
+                // millisecond, so at high rates several are due at each wake-up). A long
+                // period does not keep the sender from seeing `stop`.
                 if let Some(t) = &mut tick {
-                    t.tick().await;
-                    due = 1;
-                    while due < opts.window && t.tick().now_or_never().is_some() {
-                        due += 1;
+                    if owed == 0 {
+                        match tokio::time::timeout(Duration::from_millis(100), t.tick()).await {
+                            Ok(_) => owed = 1,
+                            Err(_) => continue,
+                        }
+                    }
+                    while owed < opts.window && t.tick().now_or_never().is_some() {
+                        owed += 1;
                     }
                 }
                 // Window: wait while too many are in flight.
@@ -269,9 +275,11 @@ pub async fn direct_between(
                     }
                     let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
                 }
-                // Fill the window (the messages due, when paced), then flush once.
-                let room = if tick.is_some() { due } else { opts.window.saturating_sub(sent - state.settled()) };
-                for _ in 0..room.max(1) {
+                // Fill the window (with the messages due, when paced), then flush once.
+                let room = opts.window.saturating_sub(sent - state.settled()).max(1);
+                let room = if tick.is_some() { owed.min(room) } else { room };
+                owed -= owed.min(room);
+                for _ in 0..room {
                     writer.feed(&to, &payload(opts.payload)).await?;
                     sent += 1;
                 }

@@ -149,9 +149,12 @@ where
     /// Bounded by [`LINGER_MAX_BYTES`]; callers bound it in time.
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        // The close handshake waits for the client, which must see our close frame first.
-        this.uncork();
         loop {
+            if this.close != CloseState::Open {
+                // Our last frames are written (a refusal's error and close frames leave with
+                // the upgrade response); the client has to see them to answer.
+                this.uncork();
+            }
             this.close = match this.close {
                 CloseState::Open => {
                     // An error here means the peer is gone; there is nothing left to tell it.
