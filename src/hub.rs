@@ -487,7 +487,10 @@ impl Hub {
         let data = rewritten.as_deref().unwrap_or(msg.data);
         let conversation = match (channel, conversation) {
             (Some(c), _) => Cow::Owned(format!("c:{c}")),
-            (None, Some(known)) => Cow::Borrowed(known),
+            (None, Some(known)) => {
+                debug_assert_eq!(known, conversation_id(&app.id, msg.from, msg.to), "a stale conversation id");
+                Cow::Borrowed(known)
+            }
             (None, None) => Cow::Owned(conversation_id(&app.id, msg.from, msg.to)),
         };
         Ok(encode_message(&Envelope {
