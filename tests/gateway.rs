@@ -90,22 +90,22 @@ async fn upgrade_response_and_connected_frame_arrive_in_one_segment() {
     let s = TestServer::spawn().await;
     let mut c = WsClient::connect(&s.ws_url(&format!("app_id=demo&token={}", token("demo", "una")))).await;
     assert_eq!(c.recv().await["type"], "connected");
-    let tokio_tungstenite::MaybeTlsStream::Plain(socket) = c.ws.get_ref() else { unreachable!("plain ws://") };
-    assert_eq!(data_segments_received(socket), 1);
+    assert_eq!(data_segments_received(&c), 1);
 
     // A refusal too: the upgrade response, the error frame and the close frame together.
     let mut refused = WsClient::connect(&s.ws_url("app_id=demo&token=nope")).await;
     let (frames, _, reason) = refused.expect_close().await;
     assert_eq!((frames[0]["type"].as_str(), reason.as_str()), (Some("error"), frames[0]["code"].as_str().unwrap()));
-    let tokio_tungstenite::MaybeTlsStream::Plain(socket) = refused.ws.get_ref() else { unreachable!("plain ws://") };
-    assert_eq!(data_segments_received(socket), 1);
+    assert_eq!(data_segments_received(&refused), 1);
 }
 
-/// `tcpi_data_segs_in` of a socket's `TCP_INFO`: segments received that carried data.
+/// `tcpi_data_segs_in` of a plain WebSocket client's `TCP_INFO`: segments received that
+/// carried data.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn data_segments_received(socket: &tokio::net::TcpStream) -> u32 {
+fn data_segments_received(client: &WsClient) -> u32 {
     use std::os::fd::AsRawFd;
+    let tokio_tungstenite::MaybeTlsStream::Plain(socket) = client.ws.get_ref() else { unreachable!("plain ws://") };
     // SAFETY: getsockopt writes at most `len` bytes into `info`, a plain C struct for which
     // all zeroes is a valid value, on a descriptor `socket` keeps open.
     unsafe {
