@@ -26,7 +26,7 @@ use crate::config::{AuthMode, Config, FailurePolicy};
 use crate::metrics::{AppMetrics, ClusterScrape, Metrics, PluginScrape, Scrape};
 use crate::plugin::{AuthOutcome, AuthRequest, FilterMessage, PluginError, PluginSet, RouteNode, RouteUser, Verdict};
 use crate::protocol::{
-    EVENT_CHANNEL, EVENT_DIRECT, Envelope, ErrorCode, Frame, MsgIdGen, conversation_id, encode_message, now_ms,
+    EVENT_CHANNEL, EVENT_DIRECT, Envelope, ErrorCode, Frame, MsgId, MsgIdGen, conversation_id, encode_message, now_ms,
 };
 use crate::registry::{Delivered, Registry, SessionHandle};
 use crate::routing;
@@ -84,7 +84,7 @@ pub struct Refused {
 /// A message accepted for delivery.
 #[derive(Debug)]
 pub struct Sent {
-    pub msg_id: String,
+    pub msg_id: MsgId,
     pub send_at: u64,
     pub delivery: Delivery,
 }
@@ -435,16 +435,19 @@ impl Hub {
     }
 
     /// Delivers to this node's sessions of `target`.
-    pub fn deliver_local(&self, target: Target<'_>, frame: &Frame) -> Delivered {
-        let (app, delivered) = match target {
-            Target::User { app, uid } => {
-                let Some(app) = self.apps.get(app) else { return Delivered::default() };
-                (app, app.registry.deliver(uid, frame))
-            }
-            Target::Channel { app, channel } => {
-                let Some(app) = self.apps.get(app) else { return Delivered::default() };
-                (app, app.registry.deliver_channel(channel, frame))
-            }
+    pub fn deliver_local(&self, target: Target<'_>, frame: Frame) -> Delivered {
+        let (Target::User { app, .. } | Target::Channel { app, .. }) = target;
+        match self.apps.get(app) {
+            Some(app) => Self::deliver_in(app, target, frame),
+            None => Delivered::default(),
+        }
+    }
+
+    /// Delivers to this node's sessions of `target`, which is in `app`.
+    fn deliver_in(app: &App, target: Target<'_>, frame: Frame) -> Delivered {
+        let delivered = match target {
+            Target::User { uid, .. } => app.registry.deliver(uid, frame),
+            Target::Channel { channel, .. } => app.registry.deliver_channel(channel, frame),
         };
         if delivered.sessions != 0 {
             app.metrics.delivered.inc_by(delivered.sessions as u64);
@@ -457,15 +460,18 @@ impl Hub {
 
     /// Delivers `frame` to `target` on this node and, in a cluster, publishes it to the
     /// other nodes that hold the target (asking for their counts when `wants_count`).
-    async fn deliver(&self, target: Target<'_>, frame: &Frame, wants_count: bool) -> Delivery {
-        let local = self.deliver_local(target, frame);
-        let remote = match self.cluster.get() {
-            None => RemoteDelivery::Single,
-            Some(cluster) if !wants_count => match cluster.publish_unanswered(target, frame).await {
+    async fn deliver(&self, app: &App, target: Target<'_>, frame: Frame, wants_count: bool) -> Delivery {
+        debug_assert!(matches!(target, Target::User { app: id, .. } | Target::Channel { app: id, .. } if id == app.id));
+        let Some(cluster) = self.cluster.get() else {
+            return Delivery { local: Self::deliver_in(app, target, frame), remote: RemoteDelivery::Single };
+        };
+        let local = Self::deliver_in(app, target, frame.clone());
+        let remote = match wants_count {
+            false => match cluster.publish_unanswered(target, &frame).await {
                 true => RemoteDelivery::Unanswered,
                 false => RemoteDelivery::Unavailable,
             },
-            Some(cluster) => match cluster.publish(target, frame).await {
+            true => match cluster.publish(target, &frame).await {
                 Some(pending) => RemoteDelivery::Pending(pending),
                 None => RemoteDelivery::Unavailable,
             },
@@ -552,7 +558,7 @@ impl Hub {
             sender_metadata: from.metadata,
         };
         let frame = self.prepare(app, &msg, channel, from.conversation, max_bytes)?;
-        let delivery = self.deliver(target, &frame, from.wants_count).await;
+        let delivery = self.deliver(app, target, frame, from.wants_count).await;
         Ok(Sent { msg_id, send_at, delivery })
     }
 
@@ -564,7 +570,7 @@ impl Hub {
         from: &str,
         recipients: &[String],
         data: &RawValue,
-    ) -> (String, u64, Vec<Recipient>) {
+    ) -> (MsgId, u64, Vec<Recipient>) {
         app.metrics.from_push.inc();
         let send_at = now_ms();
         let msg_id = self.ids.next_at(send_at);
@@ -582,7 +588,7 @@ impl Hub {
                 sender_metadata: &[],
             };
             deliveries.push(match self.prepare(app, &msg, None, None, max_bytes) {
-                Ok(frame) => Ok(self.deliver(Target::User { app: &app.id, uid: to }, &frame, true).await),
+                Ok(frame) => Ok(self.deliver(app, Target::User { app: &app.id, uid: to }, frame, true).await),
                 Err(refused) => Err(refused),
             });
         }

@@ -87,18 +87,19 @@ pub enum OfferError {
 impl SessionHandle {
     /// Queues `frame` without waiting, keeping the byte count the session's budget is
     /// checked against; a full queue kicks the session as a slow consumer.
-    pub fn offer(&self, frame: &Frame, max_queued_bytes: usize) -> Result<(), OfferError> {
-        let queued = self.control.queued_bytes.fetch_add(frame.len(), Ordering::Relaxed) + frame.len();
+    pub fn offer(&self, frame: Frame, max_queued_bytes: usize) -> Result<(), OfferError> {
+        let len = frame.len();
+        let queued = self.control.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
         let result = if queued > max_queued_bytes {
             Err(OfferError::Full)
         } else {
-            self.tx.try_send(frame.clone()).map_err(|e| match e {
+            self.tx.try_send(frame).map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => OfferError::Full,
                 mpsc::error::TrySendError::Closed(_) => OfferError::Closed,
             })
         };
         if let Err(e) = result {
-            self.control.queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
+            self.control.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             if e == OfferError::Full {
                 self.control.kick(ErrorCode::SlowConsumer);
             }
@@ -185,12 +186,12 @@ impl Registry {
     /// Offers `frame` to every session of `uid` without waiting: a session whose queue is
     /// full (in frames or in bytes) is kicked as a slow consumer, so one stuck reader never
     /// delays anyone else.
-    pub fn deliver(&self, uid: &str, frame: &Frame) -> Delivered {
+    pub fn deliver(&self, uid: &str, frame: Frame) -> Delivered {
         offer_all(self.users.get(uid).as_deref().map(Vec::as_slice), frame, self.max_queued_bytes)
     }
 
     /// Offers `frame` to every local subscriber of `channel`.
-    pub fn deliver_channel(&self, channel: &str, frame: &Frame) -> Delivered {
+    pub fn deliver_channel(&self, channel: &str, frame: Frame) -> Delivered {
         offer_all(self.channels.get(channel).as_deref().map(Vec::as_slice), frame, self.max_queued_bytes)
     }
 
@@ -245,16 +246,21 @@ impl Registry {
     }
 }
 
-fn offer_all(sessions: Option<&[SessionHandle]>, frame: &Frame, max_bytes: usize) -> Delivered {
+/// Offers one copy of `frame` to each of `sessions`; the last one gets `frame` itself (a
+/// user with one connection, the usual case, costs no copy).
+fn offer_all(sessions: Option<&[SessionHandle]>, frame: Frame, max_bytes: usize) -> Delivered {
     let mut out = Delivered::default();
-    for s in sessions.unwrap_or_default() {
-        match s.offer(frame, max_bytes) {
-            Ok(()) => out.sessions += 1,
-            Err(OfferError::Full) => out.dropped += 1,
-            // The session is on its way out and will unregister itself.
-            Err(OfferError::Closed) => {}
-        }
+    let Some((last, others)) = sessions.unwrap_or_default().split_last() else { return out };
+    let mut tally = |offered| match offered {
+        Ok(()) => out.sessions += 1,
+        Err(OfferError::Full) => out.dropped += 1,
+        // The session is on its way out and will unregister itself.
+        Err(OfferError::Closed) => {}
+    };
+    for s in others {
+        tally(s.offer(frame.clone(), max_bytes));
     }
+    tally(last.offer(frame, max_bytes));
     out
 }
 
@@ -297,11 +303,11 @@ mod tests {
         assert!(r.register("u", a, 4).unwrap(), "first session of u");
         assert!(!r.register("u", b, 4).unwrap());
         let frame = Frame::from_static("x");
-        assert_eq!(r.deliver("u", &frame), Delivered { sessions: 2, dropped: 0 });
-        assert_eq!(r.deliver("u", &frame), Delivered { sessions: 1, dropped: 1 });
+        assert_eq!(r.deliver("u", frame.clone()), Delivered { sessions: 2, dropped: 0 });
+        assert_eq!(r.deliver("u", frame.clone()), Delivered { sessions: 1, dropped: 1 });
         assert_eq!(b_control.reason(), Some(ErrorCode::SlowConsumer));
         assert_eq!(ra.try_recv().unwrap(), frame);
-        assert_eq!(r.deliver("nobody", &frame), Delivered::default());
+        assert_eq!(r.deliver("nobody", frame.clone()), Delivered::default());
     }
 
     #[test]
@@ -324,7 +330,7 @@ mod tests {
         assert!(r.join("room", a.clone()));
         assert!(!r.join("room", a), "joining twice is a no-op");
         assert!(!r.join("room", b));
-        assert_eq!(r.deliver_channel("room", &Frame::from_static("m")).sessions, 2);
+        assert_eq!(r.deliver_channel("room", Frame::from_static("m")).sessions, 2);
         assert_eq!(ra.try_recv().unwrap().as_str(), "m");
         assert!(!r.leave("room", 1));
         assert!(r.leave("room", 2));
@@ -338,8 +344,8 @@ mod tests {
         let control = a.control.clone();
         r.register("u", a, 1).unwrap();
         let frame = Frame::from_static("123456");
-        assert_eq!(r.deliver("u", &frame).sessions, 1);
-        assert_eq!(r.deliver("u", &frame), Delivered { sessions: 0, dropped: 1 }, "12 bytes > 10");
+        assert_eq!(r.deliver("u", frame.clone()).sessions, 1);
+        assert_eq!(r.deliver("u", frame.clone()), Delivered { sessions: 0, dropped: 1 }, "12 bytes > 10");
         assert_eq!(control.reason(), Some(ErrorCode::SlowConsumer));
         let got = ra.try_recv().unwrap();
         control.dequeued(&got);

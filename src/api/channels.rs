@@ -105,7 +105,7 @@ async fn publish_checked(
         Ok(sent) => {
             let outcome = sent.delivery.finish().await;
             Ok(Json(PublishResponse {
-                msg_id: sent.msg_id,
+                msg_id: sent.msg_id.to_string(),
                 send_at: sent.send_at,
                 status: outcome.status(),
                 delivered: outcome.delivered.sessions,

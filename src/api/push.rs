@@ -290,5 +290,5 @@ async fn push_checked(
             cluster: r.outcome.cluster_unavailable.then_some("unavailable"),
         })
         .collect();
-    Ok(Json(PushResponse { msg_id, send_at, delivered, results }))
+    Ok(Json(PushResponse { msg_id: msg_id.to_string(), send_at, delivered, results }))
 }

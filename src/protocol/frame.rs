@@ -270,41 +270,70 @@ fn encode_ack(
     dropped: usize,
     cluster: Option<&str>,
 ) -> Frame {
-    let mut out = String::with_capacity(96 + client_id.map_or(0, str::len) + msg_id.len());
-    out.push_str(r#"{"type":"ack""#);
-    if let Some(client_id) = client_id {
-        out.push_str(r#","client_id":"#);
-        push_json_str(&mut out, client_id);
-    }
-    out.push_str(r#","msg_id":"#);
-    push_json_str(&mut out, msg_id);
-    out.push_str(r#","status":"#);
-    push_json_str(&mut out, status);
-    out.push_str(r#","delivered":"#);
-    out.push_str(itoa::Buffer::new().format(delivered));
-    if dropped != 0 {
-        out.push_str(r#","dropped":"#);
-        out.push_str(itoa::Buffer::new().format(dropped));
-    }
-    if let Some(cluster) = cluster {
-        out.push_str(r#","cluster":"#);
-        push_json_str(&mut out, cluster);
-    }
-    out.push('}');
-    Frame::from(out)
+    exact_frame(|out| {
+        out.put(r#"{"type":"ack""#);
+        if let Some(client_id) = client_id {
+            out.put(r#","client_id":"#);
+            out.json_str(client_id);
+        }
+        out.put(r#","msg_id":"#);
+        out.json_str(msg_id);
+        out.put(r#","status":"#);
+        out.json_str(status);
+        out.put(r#","delivered":"#);
+        out.put(itoa::Buffer::new().format(delivered));
+        if dropped != 0 {
+            out.put(r#","dropped":"#);
+            out.put(itoa::Buffer::new().format(dropped));
+        }
+        if let Some(cluster) = cluster {
+            out.put(r#","cluster":"#);
+            out.json_str(cluster);
+        }
+        out.put("}");
+    })
 }
 
-/// Appends `s` as a JSON string, escaped exactly as serde_json escapes it. User ids, message
-/// ids and the like seldom need it: those are copied in one go.
-fn push_json_str(out: &mut String, s: &str) {
-    // No early exit, so that the check runs over whole vectors.
-    let plain = s.bytes().fold(true, |plain, b| plain & (b >= 0x20) & (b != b'"') & (b != b'\\'));
-    if plain {
-        out.push('"');
-        out.push_str(s);
-        out.push('"');
-    } else {
-        out.push_str(&serde_json::to_string(s).expect("a string serialises"));
+/// Runs a hand-written encoder twice: once to count the bytes, once to write them into a
+/// buffer of exactly that size. A full buffer becomes the frame's `Bytes` as it is; one with
+/// room to spare would cost a second allocation (and a second free) for the sharing header.
+fn exact_frame(write: impl Fn(&mut Out)) -> Frame {
+    let mut count = Out::Count(0);
+    write(&mut count);
+    let Out::Count(len) = count else { unreachable!("counting stays counting") };
+    let mut text = Out::Text(String::with_capacity(len));
+    write(&mut text);
+    let Out::Text(text) = text else { unreachable!("writing stays writing") };
+    debug_assert_eq!(text.len(), len, "the two passes of an encoder disagree");
+    Frame::from(text)
+}
+
+/// Where a hand-written encoder's output goes: see [`exact_frame`].
+enum Out {
+    Count(usize),
+    Text(String),
+}
+
+impl Out {
+    fn put(&mut self, s: &str) {
+        match self {
+            Out::Count(n) => *n += s.len(),
+            Out::Text(text) => text.push_str(s),
+        }
+    }
+
+    /// Puts `s` as a JSON string, escaped exactly as serde_json escapes it. User ids,
+    /// message ids and the like seldom need it: those are copied in one go.
+    fn json_str(&mut self, s: &str) {
+        // No early exit, so that the check runs over whole vectors.
+        let plain = s.bytes().fold(true, |plain, b| plain & (b >= 0x20) & (b != b'"') & (b != b'\\'));
+        if plain {
+            self.put("\"");
+            self.put(s);
+            self.put("\"");
+        } else {
+            self.put(&serde_json::to_string(s).expect("a string serialises"));
+        }
     }
 }
 
@@ -348,30 +377,28 @@ impl Serialize for Envelope<'_> {
 /// Written out by hand, byte for byte what `Envelope`'s `Serialize` gives (a test holds them
 /// together): this runs for every message, and serde escapes every key it writes.
 pub fn encode_message(envelope: &Envelope<'_>) -> Frame {
-    // The fixed keys and punctuation take under 120 bytes.
     let e = envelope;
-    let fields = [e.from, e.to, e.channel.unwrap_or(""), e.data.get(), e.msg_id, e.conversation_id];
-    let mut out = String::with_capacity(160 + fields.iter().map(|f| f.len()).sum::<usize>());
-    out.push_str(r#"{"type":"message","from":"#);
-    push_json_str(&mut out, e.from);
-    out.push_str(r#","to":"#);
-    push_json_str(&mut out, e.to);
-    if let Some(channel) = e.channel {
-        out.push_str(r#","channel":"#);
-        push_json_str(&mut out, channel);
-    }
-    out.push_str(r#","event":"#);
-    out.push_str(itoa::Buffer::new().format(e.event));
-    out.push_str(r#","data":"#);
-    out.push_str(e.data.get());
-    out.push_str(r#","msg_id":"#);
-    push_json_str(&mut out, e.msg_id);
-    out.push_str(r#","send_at":"#);
-    out.push_str(itoa::Buffer::new().format(e.send_at));
-    out.push_str(r#","conversation_id":"#);
-    push_json_str(&mut out, e.conversation_id);
-    out.push('}');
-    Frame::from(out)
+    exact_frame(|out| {
+        out.put(r#"{"type":"message","from":"#);
+        out.json_str(e.from);
+        out.put(r#","to":"#);
+        out.json_str(e.to);
+        if let Some(channel) = e.channel {
+            out.put(r#","channel":"#);
+            out.json_str(channel);
+        }
+        out.put(r#","event":"#);
+        out.put(itoa::Buffer::new().format(e.event));
+        out.put(r#","data":"#);
+        out.put(e.data.get());
+        out.put(r#","msg_id":"#);
+        out.json_str(e.msg_id);
+        out.put(r#","send_at":"#);
+        out.put(itoa::Buffer::new().format(e.send_at));
+        out.put(r#","conversation_id":"#);
+        out.json_str(e.conversation_id);
+        out.put("}");
+    })
 }
 
 /// One encoded server frame: JSON text, known to be UTF-8 (so no transport validates it

@@ -29,7 +29,7 @@ impl MsgIdGen {
 
     /// The next id, given the current time in milliseconds since the Unix epoch (the
     /// message's `send_at`, so that both come from one clock read).
-    pub fn next_at(&self, now_ms: u64) -> String {
+    pub fn next_at(&self, now_ms: u64) -> MsgId {
         let floor = now_ms << 16;
         let prev = self
             .last
@@ -39,7 +39,37 @@ impl MsgIdGen {
         let mut text = [0u8; 24];
         hex::encode_to_slice(id.to_be_bytes(), &mut text[..16]).expect("8 bytes are 16 hex digits");
         hex::encode_to_slice(self.node_tag.to_be_bytes(), &mut text[16..]).expect("4 bytes are 8 hex digits");
-        std::str::from_utf8(&text).expect("hex digits are ASCII").to_string()
+        MsgId(text)
+    }
+}
+
+/// One message id: its 24 hex digits, held inline (one is made per message).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MsgId([u8; 24]);
+
+impl MsgId {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
+}
+
+impl std::ops::Deref for MsgId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for MsgId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for MsgId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
@@ -78,10 +108,11 @@ mod tests {
     #[test]
     fn ids_are_time_sequence_and_node_in_hex() {
         let g = MsgIdGen::new("n1");
-        let tag = &g.next_at(1)[16..];
-        assert_eq!(g.next_at(0x0123_4567_89ab), format!("0123456789ab0000{tag}"));
+        let first = g.next_at(1);
+        let tag = &first[16..];
+        assert_eq!(g.next_at(0x0123_4567_89ab).as_str(), format!("0123456789ab0000{tag}"));
         // Within the same millisecond the sequence counts up.
-        assert_eq!(g.next_at(0x0123_4567_89ab), format!("0123456789ab0001{tag}"));
+        assert_eq!(g.next_at(0x0123_4567_89ab).as_str(), format!("0123456789ab0001{tag}"));
         assert!(tag.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
     }
 

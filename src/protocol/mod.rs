@@ -13,7 +13,7 @@ pub use frame::{
     ChannelFrame, ClientFrame, ConnectFrame, Envelope, Frame, SendFrame, ServerFrame, decode_client_frame,
     encode_message, looks_like_object,
 };
-pub use ids::{MsgIdGen, conversation_id, now_ms};
+pub use ids::{MsgId, MsgIdGen, conversation_id, now_ms};
 
 /// The longest user id, in bytes.
 pub const MAX_UID_LEN: usize = 128;

@@ -478,7 +478,7 @@ impl<T: FrameIo> Session<T> {
         let max_bytes = self.app.registry.max_queued_bytes();
         tokio::spawn(async move {
             let outcome = sent.delivery.finish().await;
-            let _ = handle.offer(&ack_frame(client_id.as_deref(), &sent.msg_id, &outcome), max_bytes);
+            let _ = handle.offer(ack_frame(client_id.as_deref(), &sent.msg_id, &outcome), max_bytes);
         });
         Ok(())
     }
