@@ -1,6 +1,7 @@
 //! Frames and their JSON encoding.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -87,6 +88,14 @@ pub fn looks_like_object(bytes: &[u8]) -> bool {
 
 /// Decodes one client frame (UTF-8 already checked: the transports deliver text).
 pub fn decode_client_frame(text: &str) -> Result<ClientFrame<'_>, DecodeError> {
+    match super::fast_send::decode_send(text) {
+        Some(send) => Ok(ClientFrame::Send(send)),
+        None => decode_any(text),
+    }
+}
+
+/// [`decode_client_frame`] for every frame, through serde.
+fn decode_any(text: &str) -> Result<ClientFrame<'_>, DecodeError> {
     // serde would read a struct from a JSON array by position; frames are objects only.
     if !looks_like_object(text.as_bytes()) {
         return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
@@ -294,32 +303,28 @@ fn encode_ack(
     })
 }
 
-/// Runs a hand-written encoder twice: once to count the bytes, once to write them into a
-/// buffer of exactly that size. A full buffer becomes the frame's `Bytes` as it is; one with
-/// room to spare would cost a second allocation (and a second free) for the sharing header.
-fn exact_frame(write: impl Fn(&mut Out)) -> Frame {
-    let mut count = Out::Count(0);
-    write(&mut count);
-    let Out::Count(len) = count else { unreachable!("counting stays counting") };
-    let mut text = Out::Text(String::with_capacity(len));
-    write(&mut text);
-    let Out::Text(text) = text else { unreachable!("writing stays writing") };
-    debug_assert_eq!(text.len(), len, "the two passes of an encoder disagree");
-    Frame::from(text)
+/// Runs a hand-written encoder into this thread's scratch buffer and copies the result into
+/// an allocation of exactly its size. A full buffer becomes the frame's `Bytes` as it is;
+/// one with room to spare would cost a second allocation (and a second free) for the sharing
+/// header, which is dearer than copying a few hundred bytes.
+fn exact_frame(write: impl FnOnce(&mut Out<'_>)) -> Frame {
+    thread_local! {
+        static SCRATCH: RefCell<String> = const { RefCell::new(String::new()) };
+    }
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.clear();
+        let mut out = Out(scratch);
+        write(&mut out);
+        Frame::from(scratch.as_str().to_owned())
+    })
 }
 
-/// Where a hand-written encoder's output goes: see [`exact_frame`].
-enum Out {
-    Count(usize),
-    Text(String),
-}
+/// Where a hand-written encoder writes: see [`exact_frame`].
+struct Out<'a>(&'a mut String);
 
-impl Out {
+impl Out<'_> {
     fn put(&mut self, s: &str) {
-        match self {
-            Out::Count(n) => *n += s.len(),
-            Out::Text(text) => text.push_str(s),
-        }
+        self.0.push_str(s);
     }
 
     /// Puts `s` as a JSON string, escaped exactly as serde_json escapes it. User ids,
@@ -328,11 +333,12 @@ impl Out {
         // No early exit, so that the check runs over whole vectors.
         let plain = s.bytes().fold(true, |plain, b| plain & (b >= 0x20) & (b != b'"') & (b != b'\\'));
         if plain {
-            self.put("\"");
-            self.put(s);
-            self.put("\"");
+            self.0.reserve(s.len() + 2);
+            self.0.push('"');
+            self.0.push_str(s);
+            self.0.push('"');
         } else {
-            self.put(&serde_json::to_string(s).expect("a string serialises"));
+            self.0.push_str(&serde_json::to_string(s).expect("a string serialises"));
         }
     }
 }
@@ -478,6 +484,110 @@ mod tests {
         assert_eq!((e.code, e.client_id.as_deref()), (ErrorCode::InvalidFrame, Some("c1")));
         // Other frames ignore it, as they ignore every field they do not use.
         assert!(matches!(decode_client_frame(r#"{"type":"ping","ack":"x"}"#), Ok(ClientFrame::Ping)));
+    }
+
+    /// Frames near the usual `send`, each taken by the fast reader or left to serde.
+    const SEND_LIKE: &[&str] = &[
+        r#"{"type":"send","to":"bob","data":{"t":1,"p":"x"},"client_id":"c1","ack":false}"#,
+        r#"{"to":"bob","data":1}"#,
+        " {\t\"to\" :\r\n\"bob\" , \"data\": [1, {\"a\": null}] ,\"ack\":true } \n",
+        r#"{"data":"s","to":"bob","type":"send"}"#,
+        r#"{"to":"bob","data":1,"ack":null}"#,
+        r#"{"to":"bob","data":null}"#,
+        r#"{"to":"bob","data":1,"data":2}"#,
+        r#"{"to":"bob","to":"eve","data":1}"#,
+        r#"{"to":"bob","data":1,"ack":0}"#,
+        r#"{"to":"bob","data":1,"ack":truex}"#,
+        r#"{"to":"bob","data":1,"ack":true,}"#,
+        r#"{"to":"bob","data":1}x"#,
+        r#"{"to":"bob","data":1"#,
+        r#"{"to":"bob","data":01}"#,
+        r#"{"to":"bob","data":[1,]}"#,
+        r#"{"to":"b\u006fb","data":1}"#,
+        r#"{"t\u006f":"bob","data":1}"#,
+        r#"{"to":"bob","data":1,"extra":{"x":[1,2]}}"#,
+        r#"{"type":"publish","to":"bob","channel":"c","data":1}"#,
+        r#"{"type":"ping","to":"bob","data":1}"#,
+        r#"{"to":"","data":1}"#,
+        "{\"to\":\"b\u{7f}b\",\"data\":1}",
+        "{\"to\":\"b\tb\",\"data\":1}",
+        r#"{"to":5,"data":1}"#,
+        r#"{"to":"bob","data":1,"client_id":"0123456789012345678901234567890123456789012345678901234567890123456789"}"#,
+        r#"{"to":"bob","data":1,"client_id":5}"#,
+        r#"{"to":"bob"}"#,
+        r#"{"data":1}"#,
+        r#"{}"#,
+        "{\"to\":\"bob\",\"data\":1}\u{c}",
+    ];
+
+    #[test]
+    fn the_fast_send_reader_agrees_with_serde() {
+        for text in SEND_LIKE {
+            let general = decode_any(text);
+            match crate::protocol::fast_send::decode_send(text) {
+                Some(fast) => {
+                    let Ok(ClientFrame::Send(g)) = general else {
+                        panic!("{text}: fast read a send, serde {general:?}")
+                    };
+                    assert_eq!(
+                        (&fast.to, fast.data.get(), &fast.client_id, fast.ack),
+                        (&g.to, g.data.get(), &g.client_id, g.ack),
+                        "{text}"
+                    );
+                }
+                None => {
+                    // Left to serde, which answers as it always did (and is what decoding does).
+                    let whole = decode_client_frame(text);
+                    assert_eq!(format!("{whole:?}"), format!("{general:?}"), "{text}");
+                }
+            }
+        }
+    }
+
+    /// The same agreement over frames with random bytes changed, inserted or removed.
+    #[test]
+    fn the_fast_send_reader_agrees_with_serde_on_mangled_frames() {
+        use rand::{Rng as _, SeedableRng as _};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let alphabet = b" \t\n{}[]:,\"\\tuefalsnr0123456789.-+eE_abcdotyp";
+        let (mut fast_taken, mut cases) = (0, 0);
+        for template in &SEND_LIKE[..4] {
+            for _ in 0..5_000 {
+                let mut bytes = template.as_bytes().to_vec();
+                for _ in 0..rng.gen_range(1..=3) {
+                    let at = rng.gen_range(0..=bytes.len());
+                    let b = alphabet[rng.gen_range(0..alphabet.len())];
+                    match rng.gen_range(0..3) {
+                        0 if at < bytes.len() => bytes[at] = b,
+                        1 if at < bytes.len() => drop(bytes.remove(at)),
+                        _ => bytes.insert(at, b),
+                    }
+                }
+                let text = String::from_utf8(bytes).expect("ASCII stays UTF-8");
+                cases += 1;
+                let general = decode_any(&text);
+                if let Some(fast) = crate::protocol::fast_send::decode_send(&text) {
+                    fast_taken += 1;
+                    let Ok(ClientFrame::Send(g)) = general else {
+                        panic!("{text}: fast read a send, serde {general:?}")
+                    };
+                    assert_eq!(
+                        (&fast.to, fast.data.get(), &fast.client_id, fast.ack),
+                        (&g.to, g.data.get(), &g.client_id, g.ack),
+                        "{text}"
+                    );
+                }
+            }
+        }
+        // Both outcomes occur, so the comparison above is not vacuous.
+        assert!(fast_taken > cases / 20 && fast_taken < cases, "{fast_taken} of {cases} taken by the fast reader");
+    }
+
+    #[test]
+    fn usual_sends_take_the_fast_reader() {
+        let taken: Vec<_> =
+            SEND_LIKE.iter().copied().filter(|t| crate::protocol::fast_send::decode_send(t).is_some()).collect();
+        assert_eq!(taken, &SEND_LIKE[..4], "only the first four have the usual shape");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! written back out. docs/protocol.md is the human version of this module.
 
 mod code;
+mod fast_send;
 mod frame;
 mod ids;
 
