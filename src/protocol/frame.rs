@@ -357,31 +357,9 @@ pub struct Envelope<'a> {
     pub conversation_id: &'a str,
 }
 
-/// The whole `message` frame, `"type":"message"` first. Written out rather than derived with
-/// a flattened envelope: flattening serialises through a map, and this runs per message.
-impl Serialize for Envelope<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let mut m = s.serialize_struct("message", 9)?;
-        m.serialize_field("type", "message")?;
-        m.serialize_field("from", self.from)?;
-        m.serialize_field("to", self.to)?;
-        match self.channel {
-            Some(channel) => m.serialize_field("channel", channel)?,
-            None => m.skip_field("channel")?,
-        }
-        m.serialize_field("event", &self.event)?;
-        m.serialize_field("data", self.data)?;
-        m.serialize_field("msg_id", self.msg_id)?;
-        m.serialize_field("send_at", &self.send_at)?;
-        m.serialize_field("conversation_id", self.conversation_id)?;
-        m.end()
-    }
-}
-
 /// Encodes the `message` frame once; the bytes are shared by every connection it goes to.
-/// Written out by hand, byte for byte what `Envelope`'s `Serialize` gives (a test holds them
-/// together): this runs for every message, and serde escapes every key it writes.
+/// Written out by hand, byte for byte what serde writes for it (a test holds them together):
+/// this runs for every message, and serde escapes every key it writes.
 pub fn encode_message(envelope: &Envelope<'_>) -> Frame {
     let e = envelope;
     exact_frame(|out| {
@@ -460,6 +438,28 @@ impl From<String> for Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The whole `message` frame as serde writes it, `"type":"message"` first: the reference
+    /// [`encode_message`] is held to.
+    impl Serialize for Envelope<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeStruct;
+            let mut m = s.serialize_struct("message", 9)?;
+            m.serialize_field("type", "message")?;
+            m.serialize_field("from", self.from)?;
+            m.serialize_field("to", self.to)?;
+            match self.channel {
+                Some(channel) => m.serialize_field("channel", channel)?,
+                None => m.skip_field("channel")?,
+            }
+            m.serialize_field("event", &self.event)?;
+            m.serialize_field("data", self.data)?;
+            m.serialize_field("msg_id", self.msg_id)?;
+            m.serialize_field("send_at", &self.send_at)?;
+            m.serialize_field("conversation_id", self.conversation_id)?;
+            m.end()
+        }
+    }
 
     #[test]
     fn send_without_type_is_send() {
