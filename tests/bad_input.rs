@@ -13,8 +13,9 @@ use futures_util::SinkExt;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
 
 #[tokio::test]
 async fn malformed_json_is_answered_and_the_connection_stays() {
@@ -77,6 +78,59 @@ async fn invalid_utf8_in_a_text_frame_closes_with_1007() {
     let (frames, code, reason) = c.expect_close().await;
     assert_eq!((code, reason.as_str()), (1007, "invalid_utf8"));
     assert_eq!(frames[0]["code"], "invalid_utf8");
+    s.assert_healthy().await;
+}
+
+/// Frames a server must refuse (RFC 6455, section 5), written raw under the client's
+/// WebSocket: an error frame, then a 1002 close.
+#[tokio::test]
+async fn ws_frames_that_break_the_protocol_close_with_1002() {
+    let s = TestServer::spawn().await;
+    let masked = |b0: u8, payload: &[u8]| {
+        let mut f = vec![b0, 0x80 | payload.len() as u8, 1, 2, 3, 4];
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ [1, 2, 3, 4][i % 4]));
+        f
+    };
+    let cases: [(&str, Vec<u8>); 5] = [
+        ("unmasked", b"\x81\x02{}".to_vec()),
+        ("reserved bit", masked(0x81 | 0x40, b"{}")),
+        ("unknown opcode", masked(0x83, b"")),
+        ("continuation of nothing", masked(0x80, b"{}")),
+        ("fragmented ping", masked(0x09, b"")),
+    ];
+    for (case, raw) in cases {
+        let mut c = s.ws("demo", "alice").await;
+        c.ws.get_mut().write_all(&raw).await.unwrap();
+        let (frames, code, reason) = c.expect_close().await;
+        assert_eq!((code, reason.as_str()), (1002, "protocol_error"), "{case}");
+        assert_eq!(frames[0]["code"], "protocol_error", "{case}: {frames:?}");
+    }
+    s.assert_healthy().await;
+}
+
+/// A ping is answered with its payload, a message may come in fragments with control
+/// frames between them, and a client's close is answered with its code.
+#[tokio::test]
+async fn ws_pings_fragments_and_the_clients_close() {
+    let s = TestServer::spawn().await;
+    let mut c = s.ws("demo", "alice").await;
+    c.send(Message::Ping(Bytes::from_static(b"are you there"))).await;
+    assert_eq!(c.next_raw().await.unwrap().unwrap(), Message::Pong(Bytes::from_static(b"are you there")));
+
+    let part =
+        |payload: &'static [u8], opcode, fin| Message::Frame(Frame::message(Bytes::from_static(payload), opcode, fin));
+    c.send(part(b"{\"type\":", OpCode::Data(Data::Text), false)).await;
+    c.send(Message::Ping(Bytes::new())).await;
+    c.send(part(b"\"pi", OpCode::Data(Data::Continue), false)).await;
+    c.send(part(b"ng\"}", OpCode::Data(Data::Continue), true)).await;
+    assert_eq!(c.recv().await["type"], "pong", "the three fragments made one ping frame");
+
+    c.ws.close(Some(CloseFrame { code: CloseCode::Away, reason: "bye".into() })).await.unwrap();
+    match c.next_raw().await {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
+        other => panic!("expected the close reply, got {other:?}"),
+    }
+    assert!(matches!(c.next_raw().await, None | Some(Err(_))), "then the server hangs up");
     s.assert_healthy().await;
 }
 

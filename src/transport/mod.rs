@@ -10,6 +10,7 @@ pub mod readahead;
 pub mod tcp;
 pub mod tls;
 pub mod ws;
+mod wsframe;
 
 use std::fmt;
 use std::io;

@@ -6,19 +6,18 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
+use bytes::BytesMut;
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::codec::Framed;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use super::readahead::ReadAhead;
+use super::wsframe::{self, FrameError, Received, Text, WsCodec};
 use super::{Cork, Inbound, Outbound, ReadError, Transport};
 use crate::hub::{ConnGuard, Hub};
 use crate::protocol::ErrorCode;
@@ -30,13 +29,24 @@ pub const CONNECT_PATH: &str = "/ws/connect";
 /// Bytes read and thrown away after closing, so that closing the socket with unread input
 /// does not turn into a TCP reset that destroys the close frame just sent.
 const LINGER_MAX_BYTES: usize = 256 * 1024;
+/// The read buffer a connection keeps: small, because the node holds many idle connections
+/// ([`ReadAhead`] under it makes the socket reads large; docs/performance.md).
+const READ_BUFFER: usize = 1024;
+/// Frames written are put on the wire once this many bytes wait, or at the flush.
+const WRITE_BATCH: usize = 16 * 1024;
 
 /// Adapts a WebSocket to frames: text messages carry frames, pings and pongs count as
-/// activity, binary messages are refused.
+/// activity (pings are answered), binary messages are refused.
 #[derive(Debug)]
 pub struct WsIo<S> {
-    inner: WebSocketStream<S>,
+    inner: Framed<S, WsCodec>,
     close: CloseState,
+    /// The client sent a close frame (with this code, if any): ours is the reply.
+    peer_closed: Option<Option<u16>>,
+    /// Our close frame is written (or queued).
+    close_sent: bool,
+    /// The client's bytes stopped being a WebSocket stream: closing reads raw bytes.
+    broken: bool,
     /// The socket was corked for the handshake ([`Cork`]): released at the first flush.
     corked: bool,
     drained: usize,
@@ -59,8 +69,23 @@ impl<S> WsIo<S>
 where
     S: AsyncRead + AsyncWrite + Cork + Unpin,
 {
-    pub fn new(inner: WebSocketStream<S>) -> Self {
-        Self { inner, close: CloseState::Open, corked: false, drained: 0 }
+    /// Takes over a connection whose upgrade handshake is done; messages (all fragments
+    /// together) over `max_message` bytes end it.
+    pub fn new(stream: S, max_message: usize) -> Self {
+        let mut inner = Framed::with_capacity(stream, WsCodec::new(max_message), READ_BUFFER);
+        // The write buffer grows with what is written instead of starting at its batch size:
+        // an idle connection then holds only as much as its largest write.
+        *inner.write_buffer_mut() = BytesMut::new();
+        inner.set_backpressure_boundary(WRITE_BATCH);
+        Self {
+            inner,
+            close: CloseState::Open,
+            peer_closed: None,
+            close_sent: false,
+            broken: false,
+            corked: false,
+            drained: 0,
+        }
     }
 
     /// Takes a connection whose socket was corked before the handshake; the first flush (or
@@ -76,18 +101,6 @@ where
             self.inner.get_ref().set_cork(false);
         }
     }
-
-    /// Wraps a stream on which the handshake already happened elsewhere.
-    pub async fn from_raw(stream: S, role: Role, config: WebSocketConfig) -> Self {
-        Self::new(WebSocketStream::from_raw_socket(stream, role, Some(config)).await)
-    }
-}
-
-fn to_io(e: WsError) -> io::Error {
-    match e {
-        WsError::Io(e) => e,
-        other => io::Error::other(other),
-    }
 }
 
 impl<S> Stream for WsIo<S>
@@ -97,23 +110,38 @@ where
     type Item = Result<Inbound, ReadError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        loop {
-            let item = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
-                None => return Poll::Ready(None),
-                Some(Ok(Message::Text(text))) => Ok(Inbound::Frame(text)),
-                Some(Ok(Message::Binary(_))) => Err(ReadError::Binary),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(Inbound::Activity),
-                // The client closed; tungstenite queues the close reply, flushed on close().
-                Some(Ok(Message::Close(_))) => return Poll::Ready(None),
-                Some(Ok(Message::Frame(_))) => continue,
-                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => return Poll::Ready(None),
-                Some(Err(WsError::Capacity(_))) => Err(ReadError::TooLarge),
-                Some(Err(WsError::Utf8(_))) => Err(ReadError::InvalidUtf8),
-                Some(Err(WsError::Io(e))) => Err(ReadError::Io(e)),
-                Some(Err(e)) => Err(ReadError::Protocol(e.to_string())),
-            };
-            return Poll::Ready(Some(item));
+        if self.peer_closed.is_some() || self.broken {
+            return Poll::Ready(None);
         }
+        let item = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+            None => return Poll::Ready(None),
+            Some(Ok(Received::Text(text))) => Ok(Inbound::Frame(text)),
+            Some(Ok(Received::Binary(_))) => Err(ReadError::Binary),
+            Some(Ok(Received::Ping(payload))) => {
+                // Answered at the session's next flush, which follows every burst it reads.
+                if !self.close_sent {
+                    wsframe::put_frame(self.inner.write_buffer_mut(), wsframe::OP_PONG, &payload);
+                }
+                Ok(Inbound::Activity)
+            }
+            Some(Ok(Received::Pong)) => Ok(Inbound::Activity),
+            // The client closed; the reply goes out at close().
+            Some(Ok(Received::Close(code))) => {
+                self.peer_closed = Some(code);
+                return Poll::Ready(None);
+            }
+            Some(Err(FrameError::Io(e))) => Err(ReadError::Io(e)),
+            Some(Err(e)) => {
+                self.broken = true;
+                Err(match e {
+                    FrameError::TooLarge => ReadError::TooLarge,
+                    FrameError::InvalidUtf8 => ReadError::InvalidUtf8,
+                    FrameError::Protocol(why) => ReadError::Protocol(why.to_string()),
+                    FrameError::Io(_) => unreachable!("matched above"),
+                })
+            }
+        };
+        Poll::Ready(Some(item))
     }
 }
 
@@ -124,52 +152,65 @@ where
     type Error = io::Error;
 
     fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_ready(cx).map_err(to_io)
+        Sink::<Text>::poll_ready(Pin::new(&mut self.inner), cx)
     }
 
     fn start_send(mut self: Pin<&mut Self>, item: Outbound) -> io::Result<()> {
-        let msg = match item {
-            Outbound::Frame(frame) => Message::Text(frame.into_text()),
-            Outbound::Ping => Message::Ping(Bytes::new()),
+        if self.close_sent {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the WebSocket is closing"));
+        }
+        match item {
+            Outbound::Frame(frame) => return Pin::new(&mut self.inner).start_send(Text(frame.into_bytes())),
+            Outbound::Ping => wsframe::put_frame(self.inner.write_buffer_mut(), wsframe::OP_PING, &[]),
             Outbound::Close(code) => {
-                Message::Close(Some(CloseFrame { code: code.close_code().into(), reason: code.as_str().into() }))
+                self.close_sent = true;
+                wsframe::put_close(self.inner.write_buffer_mut(), Some(code.close_code()), code.as_str());
             }
-        };
-        Pin::new(&mut self.inner).start_send(msg).map_err(to_io)
+        }
+        Ok(())
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let flushed = ready!(Pin::new(&mut self.inner).poll_flush(cx));
+        let flushed = ready!(Sink::<Text>::poll_flush(Pin::new(&mut self.inner), cx));
         self.uncork();
-        Poll::Ready(flushed.map_err(to_io))
+        Poll::Ready(flushed)
     }
 
-    /// Completes the close handshake: sends a close frame unless one was sent, reads (and
-    /// drops) what the client still sends until its close reply, then shuts the socket.
-    /// Bounded by [`LINGER_MAX_BYTES`]; callers bound it in time.
+    /// Completes the close handshake: sends a close frame unless one was sent (the reply
+    /// to the client's, if it closed first), reads (and drops) what the client still sends
+    /// until its close reply, then shuts the socket. Bounded by [`LINGER_MAX_BYTES`];
+    /// callers bound it in time.
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
-            if this.close != CloseState::Open {
-                // Our last frames are written (a refusal's error and close frames leave with
-                // the upgrade response); the client has to see them to answer.
-                this.uncork();
-            }
             this.close = match this.close {
                 CloseState::Open => {
+                    if !this.close_sent {
+                        this.close_sent = true;
+                        // A reply repeats the client's status code (section 5.5.1).
+                        let code = this.peer_closed.flatten();
+                        wsframe::put_close(this.inner.write_buffer_mut(), code, "");
+                    }
+                    // Our last frames are written (a refusal's error and close frames leave
+                    // with the upgrade response); the client has to see them to answer.
+                    let flushed = ready!(Sink::<Text>::poll_flush(Pin::new(&mut this.inner), cx));
+                    this.uncork();
                     // An error here means the peer is gone; there is nothing left to tell it.
-                    match ready!(Pin::new(&mut this.inner).poll_close(cx)) {
-                        Ok(()) => CloseState::AwaitingReply,
+                    match flushed {
                         Err(_) => CloseState::ShuttingDown,
+                        Ok(()) if this.peer_closed.is_some() => CloseState::ShuttingDown,
+                        Ok(()) if this.broken => CloseState::Draining,
+                        Ok(()) => CloseState::AwaitingReply,
                     }
                 }
                 CloseState::AwaitingReply => match ready!(Pin::new(&mut this.inner).poll_next(cx)) {
-                    None | Some(Ok(Message::Close(_))) => CloseState::ShuttingDown,
-                    Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_))) => {
-                        CloseState::ShuttingDown
-                    }
-                    Some(Ok(m)) if this.drained < LINGER_MAX_BYTES => {
-                        this.drained += m.len();
+                    None | Some(Ok(Received::Close(_))) | Some(Err(FrameError::Io(_))) => CloseState::ShuttingDown,
+                    Some(Ok(message)) if this.drained < LINGER_MAX_BYTES => {
+                        this.drained += match message {
+                            Received::Text(text) => text.len(),
+                            Received::Binary(len) => len,
+                            _ => 2,
+                        };
                         CloseState::AwaitingReply
                     }
                     Some(Ok(_)) => CloseState::ShuttingDown,
@@ -196,16 +237,10 @@ where
     }
 }
 
-/// The WebSocket settings for client connections: a 1 KiB read buffer (this node holds many
-/// idle connections; larger frames still arrive whole, and on plain WS [`ReadAhead`] makes
-/// the socket reads 16 KiB: docs/performance.md),
-/// writes batched up to 16 KiB between flushes, frames capped.
-pub fn ws_config(max_frame_bytes: usize) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(1024)
-        .write_buffer_size(16 * 1024)
-        .max_message_size(Some(max_frame_bytes))
-        .max_frame_size(Some(max_frame_bytes))
+/// Settings for the WebSocket tungstenite builds at the end of the handshake, which is
+/// taken apart at once ([`WsIo`] frames the connection): buffers as small as it allows.
+fn handshake_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(1024).write_buffer_size(0)
 }
 
 fn json_error(status: u16, code: &str, message: &str) -> ErrorResponse {
@@ -252,8 +287,7 @@ pub async fn serve_connection<S>(
     // Held until the session's first reply joins the upgrade response (or the socket
     // closes, for a refused upgrade).
     stream.set_cork(true);
-    let handshake =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config(limits.max_frame_bytes)));
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(handshake_config()));
     let ws = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
@@ -272,7 +306,10 @@ pub async fn serve_connection<S>(
     };
     let (Some(guard), Some(query)) = (guard, query) else { return };
     let request = ConnectRequest::from_query(&query, transport, remote);
-    session::start(WsIo::new(ws).uncork_at_first_flush(), hub, request, guard).await;
+    // A client sends nothing between its upgrade request and our response (RFC 6455,
+    // section 4.1), so tungstenite holds no bytes of the stream that this drops.
+    let io = WsIo::new(ws.into_inner(), limits.max_frame_bytes).uncork_at_first_flush();
+    session::start(io, hub, request, guard).await;
 }
 
 /// Accepts plain WebSocket connections until shutdown.
@@ -315,8 +352,7 @@ mod tests {
         let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
         server.set_cork(true);
-        let ws = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
-        (WsIo::new(ws).uncork_at_first_flush(), client)
+        (WsIo::new(server, 1024).uncork_at_first_flush(), client)
     }
 
     fn corked(io: &WsIo<TcpStream>) -> bool {
