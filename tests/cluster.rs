@@ -356,6 +356,7 @@ async fn nats_down_and_back_needs_no_restart() {
 #[tokio::test]
 async fn nodes_on_a_three_server_nats_cluster() {
     let servers = Nats::cluster_of_three();
+    servers[0].wait_for_jetstream().await;
     let urls: Vec<String> = servers.iter().map(Nats::url).collect();
     let nodes = start_nodes(3, &urls, |_, _| {}).await;
     let mut a = nodes[0].ws("demo", "a").await;

@@ -546,6 +546,26 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Waits until the NATS cluster's JetStream takes requests: a cluster that has just
+    /// started elects its JetStream leader first, which on a loaded machine can outlast the
+    /// 30 s a node gives it at start-up. What the tests look at is the nodes, not the election.
+    pub async fn wait_for_jetstream(&self) {
+        let client = async_nats::connect(self.url()).await.expect("NATS client connects");
+        let js = async_nats::jetstream::new(client);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let bucket = async_nats::jetstream::kv::Config { bucket: "readiness".into(), ..Default::default() };
+            match js.create_or_update_key_value(bucket).await {
+                Ok(_) => return,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("JetStream not ready yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("JetStream never became ready: {e}"),
+            }
+        }
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
