@@ -250,7 +250,7 @@ impl<T: FrameIo> Session<T> {
     async fn goodbye(mut self, exit: Exit) {
         match &exit {
             Exit::Gone => {
-                // Flush the close reply tungstenite queued, if any.
+                // Answer the client's close frame, if it sent one, and shut the socket.
                 let _ = timeout(CLOSE_TIMEOUT, self.io.close()).await;
             }
             Exit::Fatal(code, message) => reject(self.io, *code, message).await,

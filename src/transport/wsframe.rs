@@ -106,6 +106,9 @@ impl Decoder for WsCodec {
                     None => return Ok(None),
                 },
                 127 => match src.get(2..10) {
+                    Some(b) if b[0] & 0x80 != 0 => {
+                        return Err(FrameError::Protocol("a 64-bit length with its top bit set"));
+                    }
                     Some(b) => (u64::from_be_bytes(b.try_into().expect("8 bytes")), 10),
                     None => return Ok(None),
                 },
@@ -122,6 +125,16 @@ impl Decoder for WsCodec {
                 }
                 OP_CLOSE | OP_PING | OP_PONG => {}
                 _ => return Err(FrameError::Protocol("unknown opcode")),
+            }
+            // Out-of-order fragments are refused from the header, before their payload.
+            match opcode {
+                OP_TEXT | OP_BINARY if self.partial.is_some() => {
+                    return Err(FrameError::Protocol("a new message began before the last one ended"));
+                }
+                OP_CONTINUATION if self.partial.is_none() => {
+                    return Err(FrameError::Protocol("a continuation frame with no message to continue"));
+                }
+                _ => {}
             }
             let so_far = if control { 0 } else { self.partial.as_ref().map_or(0, |p| p.len) };
             // Checked before anything is buffered: a length says how much is coming.
@@ -144,9 +157,6 @@ impl Decoder for WsCodec {
                 OP_PONG => return Ok(Some(Received::Pong)),
                 OP_CLOSE => return close_frame(&payload).map(Some),
                 OP_TEXT | OP_BINARY => {
-                    if self.partial.is_some() {
-                        return Err(FrameError::Protocol("a new message began before the last one ended"));
-                    }
                     let text = opcode == OP_TEXT;
                     if fin {
                         return Self::message(text, payload).map(Some);
@@ -155,9 +165,7 @@ impl Decoder for WsCodec {
                     self.partial = Some(Partial { text, payload: kept, len });
                 }
                 _ => {
-                    let Some(partial) = self.partial.as_mut() else {
-                        return Err(FrameError::Protocol("a continuation frame with no message to continue"));
-                    };
+                    let partial = self.partial.as_mut().expect("checked from the header");
                     partial.len += len;
                     if partial.text {
                         partial.payload.extend_from_slice(&payload);
@@ -387,6 +395,13 @@ mod tests {
             (client_frame(true, OP_CONTINUATION, b"x"), "no message to continue"),
             ([client_frame(false, OP_TEXT, b"a"), client_frame(true, OP_TEXT, b"b")].concat(), "new message began"),
             (client_frame(true, OP_CLOSE, b"\x03"), "two bytes"),
+            (vec![0x81, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 1], "top bit"),
+            // Found from the header alone, before a payload over the limit is waited for.
+            (
+                [client_frame(false, OP_TEXT, b"a"), client_frame(true, OP_TEXT, &[b'x'; 2000])[..4].to_vec()].concat(),
+                "new message began",
+            ),
+            (client_frame(true, OP_CONTINUATION, &[b'x'; 2000])[..4].to_vec(), "no message to continue"),
             (client_frame(true, OP_CLOSE, &1005u16.to_be_bytes()), "no peer may send"),
             (client_frame(true, OP_CLOSE, &[0x03, 0xe8, 0xff]), "InvalidUtf8"),
         ];
