@@ -15,8 +15,13 @@ mod wsframe;
 use std::fmt;
 use std::io;
 
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
 use futures_util::{Sink, Stream};
+use tokio::io::AsyncRead;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::codec::{Decoder, Framed};
 
 use crate::protocol::{ErrorCode, Frame};
 
@@ -151,6 +156,84 @@ impl<S: Cork> Cork for readahead::ReadAhead<S> {
 impl<S: Cork> Cork for tokio_rustls::server::TlsStream<S> {
     fn set_cork(&self, on: bool) {
         self.get_ref().0.set_cork(on);
+    }
+}
+
+/// A stream that can tell whether a read would find something without being given a buffer
+/// to read into.
+pub trait ReadReady {
+    /// `Ready` when a read may return bytes, the end of the stream or an error; `Pending`
+    /// arranges for the task to be woken when that changes.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl ReadReady for tokio::net::TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl<S: ReadReady> ReadReady for readahead::ReadAhead<S> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.buffered() > 0 { Poll::Ready(Ok(())) } else { self.get_ref().poll_read_ready(cx) }
+    }
+}
+
+impl<S> ReadReady for tokio_rustls::server::TlsStream<S> {
+    /// Always: the TLS layer may hold decrypted bytes that the socket no longer shows.
+    fn poll_read_ready(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl ReadReady for tokio::io::DuplexStream {
+    /// Always (an in-memory stream, for tests): reads then allocate at once.
+    fn poll_read_ready(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The read buffer of a connection: small, because the node holds many connections
+/// ([`readahead::ReadAhead`] under it makes the socket reads large).
+const READ_BUFFER: usize = 1024;
+
+/// Polls a framed connection whose read buffer is allocated only once there is something
+/// to read: a client that connects and then stays quiet (most of them, most of the time)
+/// holds no read buffer (docs/performance.md). Once allocated the buffer is kept, so a
+/// busy connection allocates nothing per read. `allocated` is the caller's record of
+/// whether it has one (a buffer whose frames were all split off can show no capacity
+/// while it still owns its memory).
+pub(crate) fn poll_read_frames<T, U>(
+    framed: &mut Framed<T, U>,
+    allocated: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<U::Item, U::Error>>>
+where
+    T: AsyncRead + ReadReady + Unpin,
+    U: Decoder,
+{
+    let fresh = !*allocated;
+    if fresh {
+        // An error is left for the read below to report.
+        let _ = ready!(framed.get_ref().poll_read_ready(cx));
+        framed.read_buffer_mut().reserve(READ_BUFFER);
+        *allocated = true;
+    }
+    let polled = Pin::new(&mut *framed).poll_next(cx);
+    // Readiness can be stale (nothing has read the socket since it was last seen ready): a
+    // buffer allocated for a read that found nothing is given back.
+    if fresh && polled.is_pending() && framed.read_buffer().is_empty() {
+        release_read_buffer(framed, allocated);
+    }
+    polled
+}
+
+/// Gives a framed connection's read buffer back if it holds nothing; the next read that
+/// finds something allocates it again.
+pub(crate) fn release_read_buffer<T, U>(framed: &mut Framed<T, U>, allocated: &mut bool) {
+    if framed.read_buffer().is_empty() {
+        *framed.read_buffer_mut() = bytes::BytesMut::new();
+        *allocated = false;
     }
 }
 

@@ -1,7 +1,8 @@
 //! Large socket reads without a large buffer per connection.
 //!
-//! A node holds many idle connections, so the WebSocket codec above keeps a small read
-//! buffer (1 KiB). A busy connection then needs one `recv` per kilobyte. [`ReadAhead`] sits
+//! A node holds many idle connections, so the codecs above read through a small buffer
+//! (1 KiB, allocated only once there is something to read: `super::poll_read_frames`). A
+//! busy connection would then need one `recv` per kilobyte. [`ReadAhead`] sits
 //! under the codec and reads from the socket into a buffer owned by the worker thread, up to
 //! [`CHUNK`] bytes per system call; the part the codec did not ask for yet is kept in a
 //! buffer of the connection's own that exists only while it holds bytes. Idle connections

@@ -15,16 +15,13 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec, LengthDelimitedCodecError}
 use tokio_util::task::TaskTracker;
 
 use super::readahead::ReadAhead;
-use super::{Inbound, Outbound, ReadError, Transport};
+use super::{Inbound, Outbound, ReadError, ReadReady, Transport};
 use crate::hub::Hub;
 use crate::protocol::{ClientFrame, ErrorCode, decode_client_frame};
 use crate::session::{self, ConnectRequest};
 
 const PING_FRAME: &[u8] = br#"{"type":"ping"}"#;
 const LINGER_MAX_BYTES: usize = 256 * 1024;
-/// The read buffer a connection keeps: like the WebSocket codec's, small, because the node
-/// holds many idle connections ([`ReadAhead`] below makes the socket reads large).
-const READ_BUFFER: usize = 1024;
 /// Frames written are put on the wire once this many bytes wait, or at the flush.
 const WRITE_BATCH: usize = 16 * 1024;
 
@@ -32,31 +29,44 @@ const WRITE_BATCH: usize = 16 * 1024;
 #[derive(Debug)]
 pub struct TcpIo<S> {
     inner: Framed<S, LengthDelimitedCodec>,
+    /// Whether `inner` has a read buffer ([`super::poll_read_frames`]).
+    read_buffer: bool,
     shut_down: bool,
     drained: usize,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> TcpIo<S> {
+impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> TcpIo<S> {
     pub fn new(stream: S, max_frame_bytes: usize) -> Self {
         let codec = LengthDelimitedCodec::builder()
             .length_field_length(4)
             .big_endian()
             .max_frame_length(max_frame_bytes)
             .new_codec();
-        let mut inner = Framed::with_capacity(stream, codec, READ_BUFFER);
-        // The write buffer grows with what is written instead of starting at its batch size:
-        // an idle connection then holds only as much as its largest write.
+        let mut inner = Framed::with_capacity(stream, codec, 0);
+        // Neither buffer starts at its working size: the read buffer is allocated when
+        // there is something to read ([`super::poll_read_frames`]), the write buffer grows
+        // with what is written.
         *inner.write_buffer_mut() = BytesMut::new();
         inner.set_backpressure_boundary(WRITE_BATCH);
-        Self { inner, shut_down: false, drained: 0 }
+        Self { inner, read_buffer: false, shut_down: false, drained: 0 }
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Stream for TcpIo<S> {
+impl<S> TcpIo<S> {
+    /// Gives the read buffer back if it holds nothing: after its `connect` frame a client is
+    /// usually quiet.
+    fn release_read_buffer(&mut self) {
+        super::release_read_buffer(&mut self.inner, &mut self.read_buffer);
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Stream for TcpIo<S> {
     type Item = Result<Inbound, ReadError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Poll::Ready(match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+        let this = &mut *self;
+        let polled = ready!(super::poll_read_frames(&mut this.inner, &mut this.read_buffer, cx));
+        Poll::Ready(match polled {
             None => None,
             Some(Ok(frame)) => Some(match Utf8Bytes::try_from(frame.freeze()) {
                 Ok(text) => Ok(Inbound::Frame(text)),
@@ -70,7 +80,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for TcpIo<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Outbound> for TcpIo<S> {
+impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Sink<Outbound> for TcpIo<S> {
     type Error = io::Error;
 
     fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -116,7 +126,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Outbound> for TcpIo<S> {
 /// Waits for the `connect` frame, then hands the connection to a session.
 pub async fn serve_connection<S>(stream: S, remote: std::net::SocketAddr, hub: Arc<Hub>)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
     let limits = &hub.config().limits;
     let mut io = TcpIo::new(stream, limits.max_frame_bytes);
@@ -158,6 +168,9 @@ where
             return session::reject(io, e.code, &e.message).await;
         }
     };
+    // The frame shares the read buffer's memory: both go before the session starts.
+    drop(first);
+    io.release_read_buffer();
     session::start(io, hub, request, guard).await;
 }
 
@@ -216,6 +229,31 @@ mod tests {
         }
         drop(writer.await.unwrap());
         assert!(io.next().await.is_none(), "the peer closed");
+    }
+
+    /// A connection allocates its read buffer when there is something to read, and gives it
+    /// back after the `connect` frame: a quiet client holds none.
+    #[tokio::test]
+    async fn a_quiet_connection_holds_no_read_buffer() {
+        use futures_util::FutureExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut far = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (near, _) = listener.accept().await.unwrap();
+        let mut io = TcpIo::new(ReadAhead::new(near), 1 << 20);
+        assert!(io.next().now_or_never().is_none(), "nothing to read yet");
+        assert_eq!(io.inner.read_buffer().capacity(), 0, "and no buffer for it");
+
+        far.write_all(&framed(br#"{"type":"connect"}"#)).await.unwrap();
+        let Some(Ok(Inbound::Frame(f))) = io.next().await else { panic!("no frame") };
+        assert_eq!(f, r#"{"type":"connect"}"#);
+        assert!(io.inner.read_buffer().capacity() > 0);
+        io.release_read_buffer();
+        assert!(io.next().now_or_never().is_none());
+        assert_eq!(io.inner.read_buffer().capacity(), 0, "given back, and not taken again while quiet");
+
+        far.write_all(&framed(br#"{"n":2}"#)).await.unwrap();
+        let Some(Ok(Inbound::Frame(f))) = io.next().await else { panic!("no frame") };
+        assert_eq!(f, r#"{"n":2}"#);
     }
 
     /// Writes queue up past the old 2 KiB boundary and leave with the flush, each frame

@@ -18,7 +18,7 @@ use tracing::debug;
 
 use super::readahead::ReadAhead;
 use super::wsframe::{self, FrameError, Received, Text, WsCodec};
-use super::{Cork, Inbound, Outbound, ReadError, Transport};
+use super::{Cork, Inbound, Outbound, ReadError, ReadReady, Transport};
 use crate::hub::{ConnGuard, Hub};
 use crate::protocol::ErrorCode;
 use crate::session::{self, ConnectRequest};
@@ -29,9 +29,6 @@ pub const CONNECT_PATH: &str = "/ws/connect";
 /// Bytes read and thrown away after closing, so that closing the socket with unread input
 /// does not turn into a TCP reset that destroys the close frame just sent.
 const LINGER_MAX_BYTES: usize = 256 * 1024;
-/// The read buffer a connection keeps: small, because the node holds many idle connections
-/// ([`ReadAhead`] under it makes the socket reads large; docs/performance.md).
-const READ_BUFFER: usize = 1024;
 /// Frames written are put on the wire once this many bytes wait, or at the flush.
 const WRITE_BATCH: usize = 16 * 1024;
 
@@ -40,6 +37,8 @@ const WRITE_BATCH: usize = 16 * 1024;
 #[derive(Debug)]
 pub struct WsIo<S> {
     inner: Framed<S, WsCodec>,
+    /// Whether `inner` has a read buffer ([`super::poll_read_frames`]).
+    read_buffer: bool,
     close: CloseState,
     /// The client sent a close frame (with this code, if any): ours is the reply.
     peer_closed: Option<Option<u16>>,
@@ -67,18 +66,20 @@ enum CloseState {
 
 impl<S> WsIo<S>
 where
-    S: AsyncRead + AsyncWrite + Cork + Unpin,
+    S: AsyncRead + AsyncWrite + Cork + ReadReady + Unpin,
 {
     /// Takes over a connection whose upgrade handshake is done; messages (all fragments
     /// together) over `max_message` bytes end it.
     pub fn new(stream: S, max_message: usize) -> Self {
-        let mut inner = Framed::with_capacity(stream, WsCodec::new(max_message), READ_BUFFER);
-        // The write buffer grows with what is written instead of starting at its batch size:
-        // an idle connection then holds only as much as its largest write.
+        let mut inner = Framed::with_capacity(stream, WsCodec::new(max_message), 0);
+        // Neither buffer starts at its working size: the read buffer is allocated when
+        // there is something to read ([`super::poll_read_frames`]), the write buffer grows
+        // with what is written.
         *inner.write_buffer_mut() = BytesMut::new();
         inner.set_backpressure_boundary(WRITE_BATCH);
         Self {
             inner,
+            read_buffer: false,
             close: CloseState::Open,
             peer_closed: None,
             close_sent: false,
@@ -105,7 +106,7 @@ where
 
 impl<S> Stream for WsIo<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
     type Item = Result<Inbound, ReadError>;
 
@@ -113,7 +114,9 @@ where
         if self.peer_closed.is_some() || self.broken {
             return Poll::Ready(None);
         }
-        let item = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+        let this = &mut *self;
+        let polled = ready!(super::poll_read_frames(&mut this.inner, &mut this.read_buffer, cx));
+        let item = match polled {
             None => return Poll::Ready(None),
             Some(Ok(Received::Text(text))) => Ok(Inbound::Frame(text)),
             Some(Ok(Received::Binary(_))) => Err(ReadError::Binary),
@@ -147,7 +150,7 @@ where
 
 impl<S> Sink<Outbound> for WsIo<S>
 where
-    S: AsyncRead + AsyncWrite + Cork + Unpin,
+    S: AsyncRead + AsyncWrite + Cork + ReadReady + Unpin,
 {
     type Error = io::Error;
 
@@ -203,19 +206,23 @@ where
                         Ok(()) => CloseState::AwaitingReply,
                     }
                 }
-                CloseState::AwaitingReply => match ready!(Pin::new(&mut this.inner).poll_next(cx)) {
-                    None | Some(Ok(Received::Close(_))) | Some(Err(FrameError::Io(_))) => CloseState::ShuttingDown,
-                    Some(Ok(message)) if this.drained < LINGER_MAX_BYTES => {
-                        this.drained += match message {
-                            Received::Text(text) => text.len(),
-                            Received::Binary(len) => len,
-                            _ => 2,
-                        };
-                        CloseState::AwaitingReply
+                CloseState::AwaitingReply => {
+                    match ready!(super::poll_read_frames(&mut this.inner, &mut this.read_buffer, cx)) {
+                        None | Some(Ok(Received::Close(_))) | Some(Err(FrameError::Io(_))) => CloseState::ShuttingDown,
+                        Some(Ok(message)) if this.drained < LINGER_MAX_BYTES => {
+                            // Payload and the smallest masked header: empty frames count too.
+                            this.drained += 6 + match message {
+                                Received::Text(text) => text.len(),
+                                Received::Binary(len) => len,
+                                Received::Ping(payload) => payload.len(),
+                                Received::Pong | Received::Close(_) => 0,
+                            };
+                            CloseState::AwaitingReply
+                        }
+                        Some(Ok(_)) => CloseState::ShuttingDown,
+                        Some(Err(_)) => CloseState::Draining,
                     }
-                    Some(Ok(_)) => CloseState::ShuttingDown,
-                    Some(Err(_)) => CloseState::Draining,
-                },
+                }
                 CloseState::Draining => {
                     let mut buf = [0u8; 1024];
                     let mut rb = ReadBuf::new(&mut buf);
@@ -265,7 +272,7 @@ pub async fn serve_connection<S>(
     guard: Option<ConnGuard>,
     deadline: tokio::time::Instant,
 ) where
-    S: AsyncRead + AsyncWrite + Cork + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Cork + ReadReady + Unpin + Send + 'static,
 {
     let limits = &hub.config().limits;
     let full = guard.is_none();
@@ -306,8 +313,8 @@ pub async fn serve_connection<S>(
     };
     let (Some(guard), Some(query)) = (guard, query) else { return };
     let request = ConnectRequest::from_query(&query, transport, remote);
-    // A client sends nothing between its upgrade request and our response (RFC 6455,
-    // section 4.1), so tungstenite holds no bytes of the stream that this drops.
+    // tungstenite refuses bytes sent after the upgrade request and before our response
+    // (RFC 6455, section 4.1: the client waits), so it holds none that this would drop.
     let io = WsIo::new(ws.into_inner(), limits.max_frame_bytes).uncork_at_first_flush();
     session::start(io, hub, request, guard).await;
 }
@@ -369,6 +376,22 @@ mod tests {
         assert!(corked(&io), "feeding alone does not release");
         io.flush().await.unwrap();
         assert!(!corked(&io));
+    }
+
+    /// A client that sends nothing after its upgrade (most of them, most of the time) gets
+    /// no read buffer; one is allocated when a frame arrives.
+    #[tokio::test]
+    async fn a_quiet_connection_holds_no_read_buffer() {
+        use futures_util::{FutureExt as _, StreamExt as _};
+        use tokio::io::AsyncWriteExt as _;
+        let (mut io, mut client) = corked_pair().await;
+        assert!(io.next().now_or_never().is_none());
+        assert_eq!(io.inner.read_buffer().capacity(), 0);
+        // A masked text frame "{}" (mask 1, 2, 3, 4).
+        client.write_all(&[0x81, 0x82, 1, 2, 3, 4, b'{' ^ 1, b'}' ^ 2]).await.unwrap();
+        let Some(Ok(Inbound::Frame(text))) = io.next().await else { panic!("no frame") };
+        assert_eq!(text, "{}");
+        assert!(io.inner.read_buffer().capacity() > 0);
     }
 
     /// A session that closes without a flush (it found nothing to say) releases too: the
