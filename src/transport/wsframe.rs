@@ -24,6 +24,10 @@ pub(super) const OP_PONG: u8 = 0xA;
 
 /// The largest control frame payload (section 5.5).
 const MAX_CONTROL_PAYLOAD: usize = 125;
+/// The most buffer a frame header can make the codec set aside before its payload arrives:
+/// beyond it the buffer grows with what is read, so that headers announcing large frames
+/// do not reserve `limits.max_frame_bytes` each on their own say-so.
+const MAX_RESERVE_AHEAD: usize = 64 * 1024;
 
 /// A whole message, or a control frame, from the client.
 #[derive(Debug, PartialEq, Eq)]
@@ -60,7 +64,24 @@ struct Partial {
     text: bool,
     /// The text so far (binary messages are only counted).
     payload: BytesMut,
+    /// How much of `payload` is known to be UTF-8 (a character may straddle fragments).
+    checked: usize,
     len: usize,
+}
+
+impl Partial {
+    /// Checks the text added since the last fragment, so that bad UTF-8 ends the
+    /// connection at the fragment that carries it (RFC 6455, section 8.1), not at the end
+    /// of a message that may never come.
+    fn check_utf8(&mut self) -> Result<(), FrameError> {
+        match std::str::from_utf8(&self.payload[self.checked..]) {
+            Ok(_) => self.checked = self.payload.len(),
+            // Only a character cut short at the end: it may be finished by the next one.
+            Err(e) if e.error_len().is_none() => self.checked += e.valid_up_to(),
+            Err(_) => return Err(FrameError::InvalidUtf8),
+        }
+        Ok(())
+    }
 }
 
 /// Reads client frames, writes server frames (unmasked, as section 5.1 requires).
@@ -144,7 +165,7 @@ impl Decoder for WsCodec {
             let len = len as usize;
             let total = header + 4 + len;
             if src.len() < total {
-                src.reserve(total - src.len());
+                src.reserve((total - src.len()).min(MAX_RESERVE_AHEAD));
                 return Ok(None);
             }
             let mask: [u8; 4] = src[header..header + 4].try_into().expect("4 bytes");
@@ -162,13 +183,18 @@ impl Decoder for WsCodec {
                         return Self::message(text, payload).map(Some);
                     }
                     let kept = if text { payload } else { BytesMut::new() };
-                    self.partial = Some(Partial { text, payload: kept, len });
+                    let mut partial = Partial { text, payload: kept, checked: 0, len };
+                    if text {
+                        partial.check_utf8()?;
+                    }
+                    self.partial = Some(partial);
                 }
                 _ => {
                     let partial = self.partial.as_mut().expect("checked from the header");
                     partial.len += len;
                     if partial.text {
                         partial.payload.extend_from_slice(&payload);
+                        partial.check_utf8()?;
                     }
                     if fin {
                         let partial = self.partial.take().expect("checked above");
@@ -349,6 +375,34 @@ mod tests {
         let mut wire = client_frame(false, OP_TEXT, &e[..1]);
         wire.extend(client_frame(true, OP_CONTINUATION, &e[1..]));
         assert_eq!(decode_all(&mut WsCodec::new(16), &wire), vec![text("é")]);
+    }
+
+    #[test]
+    fn bad_utf8_ends_a_fragmented_message_at_the_fragment_that_carries_it() {
+        let mut wire = client_frame(false, OP_TEXT, b"ok \xff");
+        wire.extend(client_frame(false, OP_CONTINUATION, b"never finished"));
+        assert_eq!(decode_all(&mut WsCodec::new(1024), &wire), vec![Err("InvalidUtf8".into())]);
+        // A character cut short by a fragment's end is not an error, unless the next one
+        // does not finish it.
+        let e = "é".as_bytes();
+        let mut wire = client_frame(false, OP_TEXT, &e[..1]);
+        wire.extend(client_frame(false, OP_CONTINUATION, b"x"));
+        assert_eq!(decode_all(&mut WsCodec::new(1024), &wire), vec![Err("InvalidUtf8".into())]);
+        let mut codec = WsCodec::new(1024);
+        assert_eq!(decode_all(&mut codec, &client_frame(false, OP_TEXT, &e[..1])), vec![]);
+        let got = decode_all(&mut codec, &client_frame(true, OP_CONTINUATION, &e[1..]));
+        assert_eq!(got, vec![text("é")]);
+    }
+
+    #[test]
+    fn a_header_alone_reserves_a_bounded_buffer() {
+        let mut codec = WsCodec::new(8 << 20);
+        let big = client_frame(true, OP_TEXT, &vec![b'x'; 4 << 20]);
+        let mut src = BytesMut::from(&big[..14]);
+        assert!(codec.decode(&mut src).unwrap().is_none());
+        assert!(src.capacity() <= 14 + MAX_RESERVE_AHEAD, "{}", src.capacity());
+        src.extend_from_slice(&big[14..]);
+        assert_eq!(codec.decode(&mut src).unwrap(), Some(Received::Text("x".repeat(4 << 20).into())));
     }
 
     #[test]
