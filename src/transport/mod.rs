@@ -186,6 +186,7 @@ impl<S> ReadReady for tokio_rustls::server::TlsStream<S> {
     }
 }
 
+#[cfg(test)]
 impl ReadReady for tokio::io::DuplexStream {
     /// Always (an in-memory stream, for tests): reads then allocate at once.
     fn poll_read_ready(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -196,6 +197,18 @@ impl ReadReady for tokio::io::DuplexStream {
 /// The read buffer of a connection: small, because the node holds many connections
 /// ([`readahead::ReadAhead`] under it makes the socket reads large).
 const READ_BUFFER: usize = 1024;
+/// Frames written are put on the wire once this many bytes wait, or at the flush.
+const WRITE_BATCH: usize = 16 * 1024;
+
+/// A connection's frames over `stream`, with neither buffer at its working size: the read
+/// buffer is allocated when there is something to read ([`poll_read_frames`]), the write
+/// buffer grows with what is written (up to [`WRITE_BATCH`] before it is put on the wire).
+pub(crate) fn framed<T, U>(stream: T, codec: U) -> Framed<T, U> {
+    let mut inner = Framed::with_capacity(stream, codec, 0);
+    *inner.write_buffer_mut() = bytes::BytesMut::new();
+    inner.set_backpressure_boundary(WRITE_BATCH);
+    inner
+}
 
 /// Polls a framed connection whose read buffer is allocated only once there is something
 /// to read: a client that connects and then stays quiet (most of them, most of the time)

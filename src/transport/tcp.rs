@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{Sink, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
@@ -22,8 +22,6 @@ use crate::session::{self, ConnectRequest};
 
 const PING_FRAME: &[u8] = br#"{"type":"ping"}"#;
 const LINGER_MAX_BYTES: usize = 256 * 1024;
-/// Frames written are put on the wire once this many bytes wait, or at the flush.
-const WRITE_BATCH: usize = 16 * 1024;
 
 /// Adapts a byte stream with length-prefixed frames to [`FrameIo`](super::FrameIo).
 #[derive(Debug)]
@@ -42,13 +40,7 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> TcpIo<S> {
             .big_endian()
             .max_frame_length(max_frame_bytes)
             .new_codec();
-        let mut inner = Framed::with_capacity(stream, codec, 0);
-        // Neither buffer starts at its working size: the read buffer is allocated when
-        // there is something to read ([`super::poll_read_frames`]), the write buffer grows
-        // with what is written.
-        *inner.write_buffer_mut() = BytesMut::new();
-        inner.set_backpressure_boundary(WRITE_BATCH);
-        Self { inner, read_buffer: false, shut_down: false, drained: 0 }
+        Self { inner: super::framed(stream, codec), read_buffer: false, shut_down: false, drained: 0 }
     }
 }
 

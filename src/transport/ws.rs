@@ -6,7 +6,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::BytesMut;
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
@@ -29,8 +28,6 @@ pub const CONNECT_PATH: &str = "/ws/connect";
 /// Bytes read and thrown away after closing, so that closing the socket with unread input
 /// does not turn into a TCP reset that destroys the close frame just sent.
 const LINGER_MAX_BYTES: usize = 256 * 1024;
-/// Frames written are put on the wire once this many bytes wait, or at the flush.
-const WRITE_BATCH: usize = 16 * 1024;
 
 /// Adapts a WebSocket to frames: text messages carry frames, pings and pongs count as
 /// activity (pings are answered), binary messages are refused.
@@ -71,14 +68,8 @@ where
     /// Takes over a connection whose upgrade handshake is done; messages (all fragments
     /// together) over `max_message` bytes end it.
     pub fn new(stream: S, max_message: usize) -> Self {
-        let mut inner = Framed::with_capacity(stream, WsCodec::new(max_message), 0);
-        // Neither buffer starts at its working size: the read buffer is allocated when
-        // there is something to read ([`super::poll_read_frames`]), the write buffer grows
-        // with what is written.
-        *inner.write_buffer_mut() = BytesMut::new();
-        inner.set_backpressure_boundary(WRITE_BATCH);
         Self {
-            inner,
+            inner: super::framed(stream, WsCodec::new(max_message)),
             read_buffer: false,
             close: CloseState::Open,
             peer_closed: None,
