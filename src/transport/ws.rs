@@ -124,15 +124,16 @@ where
                 self.peer_closed = Some(code);
                 return Poll::Ready(None);
             }
-            Some(Err(FrameError::Io(e))) => Err(ReadError::Io(e)),
             Some(Err(e)) => {
-                self.broken = true;
-                Err(match e {
+                let e = match e {
+                    FrameError::Io(e) => ReadError::Io(e),
                     FrameError::TooLarge => ReadError::TooLarge,
                     FrameError::InvalidUtf8 => ReadError::InvalidUtf8,
                     FrameError::Protocol(why) => ReadError::Protocol(why.to_string()),
-                    FrameError::Io(_) => unreachable!("matched above"),
-                })
+                };
+                // Past anything but a failed read, the bytes are no longer a WebSocket stream.
+                self.broken = !matches!(e, ReadError::Io(_));
+                Err(e)
             }
         };
         Poll::Ready(Some(item))
