@@ -2,6 +2,9 @@
 //!
 //! - `send_direct/filters/{0,1,3}`: one direct message through the hub (filters, encode,
 //!   hand to the recipient's queue) with 0, 1 and 3 word-filter plugins;
+//! - `send_direct/filters/1-allow`: the same with one filter that allows every message
+//!   without looking at it (the example `hostile` plugin, mode `allow`): what a filter call
+//!   costs before the filter does anything;
 //! - `authenticate/{jwt,plugin,jwt+plugin}`: one connect's authentication with the built-in
 //!   JWT check, the hmac-auth plugin instead, and the plugin after the JWT.
 //!
@@ -33,6 +36,7 @@ fn plugin_path(name: &str) -> PathBuf {
 fn hub() -> Arc<Hub> {
     let words = plugin_path("word-filter");
     let hmac = plugin_path("hmac-auth");
+    let hostile = plugin_path("hostile");
     let mut text = String::from("[node]\nid = \"bench\"\n[limits]\nmax_connections = 1000000\n");
     for name in ["w1", "w2", "w3"] {
         text += &format!(
@@ -41,11 +45,16 @@ fn hub() -> Arc<Hub> {
         );
     }
     text += &format!(
+        "[[plugins]]\nname = \"allow\"\npath = \"{}\"\nworld = \"message-filter\"\n[plugins.config]\nmode = \"allow\"\n",
+        hostile.display()
+    );
+    text += &format!(
         "[[plugins]]\nname = \"hmac\"\npath = \"{}\"\nworld = \"authenticator\"\n[plugins.config]\nkey = \"{HMAC_KEY}\"\n",
         hmac.display()
     );
     text += "[apps.f0]\nsecret = \"bench-secret-f0-0123456789\"\n";
     text += "[apps.f1]\nsecret = \"bench-secret-f1-0123456789\"\nfilters = [\"w1\"]\n";
+    text += "[apps.f1a]\nsecret = \"bench-secret-f1a-0123456789\"\nfilters = [\"allow\"]\n";
     text += "[apps.f3]\nsecret = \"bench-secret-f3-0123456789\"\nfilters = [\"w1\", \"w2\", \"w3\"]\n";
     text +=
         "[apps.auth]\nsecret = \"bench-secret-auth-0123456789\"\nauth = { plugin = \"hmac\", mode = \"replace\" }\n";
@@ -64,7 +73,7 @@ fn send_direct(c: &mut Criterion) {
     let data = RawValue::from_string(r#"{"text":"hello there, how are you doing today?","n":42}"#.into()).unwrap();
     let mut group = c.benchmark_group("send_direct");
     group.throughput(Throughput::Elements(1));
-    for (filters, app_id) in [(0, "f0"), (1, "f1"), (3, "f3")] {
+    for (filters, app_id) in [("0", "f0"), ("1", "f1"), ("1-allow", "f1a"), ("3", "f3")] {
         let app = hub.app(app_id).unwrap().clone();
         let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
         let handle = SessionHandle { conn_id: 1, tx, control: Arc::default() };
