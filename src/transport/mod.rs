@@ -229,7 +229,12 @@ where
     if fresh {
         // An error is left for the read below to report.
         let _ = ready!(framed.get_ref().poll_read_ready(cx));
-        framed.read_buffer_mut().reserve(READ_BUFFER);
+        // Made with its capacity rather than reserved: `BytesMut` remembers the capacity it
+        // was made with, and when frames split off it still hold the old memory, the next
+        // buffer is at least that large. Reserved into an empty one, it would remember 0,
+        // and start again from a few bytes, a read system call each.
+        debug_assert!(framed.read_buffer().is_empty(), "a buffer is only given back empty");
+        *framed.read_buffer_mut() = bytes::BytesMut::with_capacity(READ_BUFFER);
         *allocated = true;
     }
     let polled = Pin::new(&mut *framed).poll_next(cx);
