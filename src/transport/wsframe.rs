@@ -292,8 +292,8 @@ mod tests {
 
     const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
-    /// A frame as a client sends it: masked.
-    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    /// A frame as a client sends it: masked with `mask`, its length in the shortest form.
+    fn masked_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
         let mut out = BytesMut::new();
         put_frame(&mut out, opcode, payload);
         let mut out = out.to_vec();
@@ -302,11 +302,15 @@ mod tests {
         }
         let header = out.len() - payload.len();
         out[1] |= 0x80;
-        out.splice(header..header, MASK);
+        out.splice(header..header, mask);
         for (i, b) in out[header + 4..].iter_mut().enumerate() {
-            *b ^= MASK[i % 4];
+            *b ^= mask[i % 4];
         }
         out
+    }
+
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        masked_frame(fin, opcode, payload, MASK)
     }
 
     fn decode_all(codec: &mut WsCodec, bytes: &[u8]) -> Vec<Result<Received, String>> {
@@ -352,22 +356,9 @@ mod tests {
         s
     }
 
-    /// One masked frame with a random key, its length in the shortest form.
+    /// One masked frame with a random key.
     fn random_frame(rng: &mut Rng, fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut out = BytesMut::new();
-        put_frame(&mut out, opcode, payload);
-        let mut out = out.to_vec();
-        if !fin {
-            out[0] &= 0x7F;
-        }
-        let header = out.len() - payload.len();
-        out[1] |= 0x80;
-        let mask: [u8; 4] = rand::Rng::r#gen(rng);
-        out.splice(header..header, mask);
-        for (i, b) in out[header + 4..].iter_mut().enumerate() {
-            *b ^= mask[i % 4];
-        }
-        out
+        masked_frame(fin, opcode, payload, rand::Rng::r#gen(rng))
     }
 
     /// A stream of valid client frames (messages in one to four fragments, pings and pongs
