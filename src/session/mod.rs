@@ -504,27 +504,24 @@ impl<T: FrameIo> Session<T> {
     /// Queues a reply; [`flush`](Self::flush) puts it on the wire.
     async fn write(&mut self, frame: Frame) -> Result<(), Exit> {
         let limit = self.hub.config().limits.write_timeout;
-        let control = self.control.clone();
-        guarded(&control, limit, self.io.feed(Outbound::Frame(frame))).await
+        guarded(&self.control, limit, self.io.feed(Outbound::Frame(frame))).await
     }
 
     async fn flush(&mut self) -> Result<(), Exit> {
         let limit = self.hub.config().limits.write_timeout;
-        let control = self.control.clone();
-        guarded(&control, limit, self.io.flush()).await
+        guarded(&self.control, limit, self.io.flush()).await
     }
 
     /// Sends one item and flushes, within `limits.write_timeout`.
     async fn send(&mut self, item: Outbound) -> Result<(), Exit> {
         let limit = self.hub.config().limits.write_timeout;
-        let control = self.control.clone();
-        guarded(&control, limit, self.io.send(item)).await
+        guarded(&self.control, limit, self.io.send(item)).await
     }
 
     /// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]) with one flush.
     async fn write_batch(&mut self, first: Frame) -> Result<(), Exit> {
         let limit = self.hub.config().limits.write_timeout;
-        let control = self.control.clone();
+        let control = &*self.control;
         let rx = &mut self.rx;
         let io = &mut self.io;
         let write = async {
@@ -541,7 +538,7 @@ impl<T: FrameIo> Session<T> {
             }
             io.flush().await
         };
-        guarded(&control, limit, write).await
+        guarded(control, limit, write).await
     }
 }
 
