@@ -8,8 +8,8 @@
 #   benches/callgrind.sh --no-ack             # "ack": false on every send
 #   benches/callgrind.sh --bin DIR            # another build: DIR holds switchboard and loadgen
 #   benches/callgrind.sh --rate 5000 --window 6
-# Prints one line, e.g. `instructions per message: 13355 (117646248 over 8809 messages)`;
-# the profile stays in the work directory it names, for callgrind_annotate.
+# Prints one line, e.g. `instructions per message: 13355 (117646248 over 8809 messages;
+# profile DIR/callgrind.out.PID.1)`: the profile stays there, for callgrind_annotate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
