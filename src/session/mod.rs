@@ -28,8 +28,8 @@ use rate::TokenBucket;
 /// How long a closing connection gets to take its last frames and say goodbye.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Queued frames written between two flushes.
-const MAX_BATCH: usize = 64;
+/// Queued frames written between two flushes (and inbound frames handled between two).
+pub(crate) const MAX_BATCH: usize = 64;
 
 /// What a client presented when connecting; the input to authentication.
 #[derive(Clone)]

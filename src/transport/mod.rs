@@ -197,8 +197,13 @@ impl ReadReady for tokio::io::DuplexStream {
 /// The read buffer of a connection: small, because the node holds many connections
 /// ([`readahead::ReadAhead`] under it makes the socket reads large).
 const READ_BUFFER: usize = 1024;
-/// Frames written are put on the wire once this many bytes wait, or at the flush.
-const WRITE_BATCH: usize = 16 * 1024;
+/// Frames written are put on the wire once this many bytes wait, or at the flush. Room for
+/// a whole batch of the session's (64 frames) at the usual message size: a `message` frame
+/// around a 128-byte payload is about 300 bytes, 64 of them with their headers 19.6 KB,
+/// which at 16 KiB took two writes where one does (docs/performance.md: about half the
+/// `writev` calls per message at the peak). A connection keeps the buffer it grew: after a
+/// busy moment, about twice this at most, unless a single frame was larger.
+const WRITE_BATCH: usize = 32 * 1024;
 
 /// A connection's frames over `stream`, with neither buffer at its working size: the read
 /// buffer is allocated when there is something to read ([`poll_read_frames`]), the write

@@ -386,6 +386,77 @@ mod tests {
         assert!(io.inner.read_buffer().capacity() > 0);
     }
 
+    /// A socket that counts the writes that reach it (and never has anything to read).
+    #[derive(Default)]
+    struct CountingSocket {
+        writes: usize,
+        bytes: usize,
+    }
+
+    impl AsyncRead for CountingSocket {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for CountingSocket {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            self.writes += 1;
+            self.bytes += buf.len();
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Cork for CountingSocket {
+        fn set_cork(&self, _: bool) {}
+    }
+
+    impl ReadReady for CountingSocket {
+        fn poll_read_ready(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    /// A session's full batch of deliveries at the usual message size (a 128-byte payload,
+    /// as the load generator sends) reaches the socket in one write, not two: each write is
+    /// a system call and, over loopback, the receiver's wake-up too.
+    #[tokio::test]
+    async fn a_full_batch_of_messages_is_one_write() {
+        use crate::protocol::{Envelope, MsgIdGen, conversation_id, encode_message};
+        let data = format!(r#"{{"t":1763916512345678901,"p":"{}"}}"#, "x".repeat(96));
+        assert_eq!(data.len(), 128);
+        let data = serde_json::value::RawValue::from_string(data).unwrap();
+        let msg_id = MsgIdGen::new("node-1").next_at(1_763_916_512_345);
+        let conversation = conversation_id("app", "s17", "r17");
+        let envelope = Envelope {
+            from: "s17",
+            to: "r17",
+            channel: None,
+            event: 1,
+            data: &data,
+            msg_id: &msg_id,
+            send_at: 1_763_916_512_345,
+            conversation_id: &conversation,
+        };
+        let frame = encode_message(&envelope);
+        let mut io = WsIo::new(CountingSocket::default(), 1024);
+        for _ in 0..crate::session::MAX_BATCH {
+            io.feed(Outbound::Frame(frame.clone())).await.unwrap();
+        }
+        io.flush().await.unwrap();
+        let socket = io.inner.get_ref();
+        assert_eq!(socket.bytes, crate::session::MAX_BATCH * (frame.len() + 4), "every frame, with its header");
+        assert_eq!(socket.writes, 1, "{} bytes in {} writes", socket.bytes, socket.writes);
+    }
+
     /// A session that closes without a flush (it found nothing to say) releases too: the
     /// client has to see the close frame to answer it.
     #[tokio::test]
