@@ -201,8 +201,9 @@ const READ_BUFFER: usize = 1024;
 /// a whole batch of the session's (64 frames) at the usual message size: a `message` frame
 /// around a 128-byte payload is about 300 bytes, 64 of them with their headers 19.6 KB,
 /// which at 16 KiB took two writes where one does (docs/performance.md: about half the
-/// `writev` calls per message at the peak). A connection keeps the buffer it grew: after a
-/// busy moment, about twice this at most, unless a single frame was larger.
+/// `writev` calls per message at the peak). A connection keeps the buffer it grew (after a
+/// busy moment, about twice this at most, unless a single frame was larger) until its next
+/// heartbeat ping ([`release_write_buffer`]).
 const WRITE_BATCH: usize = 32 * 1024;
 
 /// A connection's frames over `stream`, with neither buffer at its working size: the read
@@ -257,6 +258,16 @@ pub(crate) fn release_read_buffer<T, U>(framed: &mut Framed<T, U>, allocated: &m
     if framed.read_buffer().is_empty() {
         *framed.read_buffer_mut() = bytes::BytesMut::new();
         *allocated = false;
+    }
+}
+
+/// Gives a framed connection's write buffer back if nothing waits in it. Transports call it
+/// as they write the heartbeat ping (once per `heartbeat.ping_interval`), so a connection
+/// that grew its buffer in a busy moment (up to about twice [`WRITE_BATCH`]) does not keep it
+/// while quiet; a busy one regrows it once per interval.
+pub(crate) fn release_write_buffer<T, U>(framed: &mut Framed<T, U>) {
+    if framed.write_buffer().is_empty() {
+        *framed.write_buffer_mut() = bytes::BytesMut::new();
     }
 }
 

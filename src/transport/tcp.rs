@@ -82,7 +82,10 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Sink<Outbound> for TcpIo<S> 
     fn start_send(mut self: Pin<&mut Self>, item: Outbound) -> io::Result<()> {
         match item {
             Outbound::Frame(frame) => Pin::new(&mut self.inner).start_send(frame.into_bytes()),
-            Outbound::Ping => Pin::new(&mut self.inner).start_send(Bytes::from_static(PING_FRAME)),
+            Outbound::Ping => {
+                super::release_write_buffer(&mut self.inner);
+                Pin::new(&mut self.inner).start_send(Bytes::from_static(PING_FRAME))
+            }
             // The session's fatal `error` frame already said why; closing is poll_close.
             Outbound::Close(_) => Ok(()),
         }
@@ -265,5 +268,28 @@ mod tests {
         let mut got = vec![0; expected.len()];
         far.read_exact(&mut got).await.unwrap();
         assert_eq!(got, expected);
+    }
+
+    /// The buffer a burst grew is given back at the next heartbeat ping.
+    #[tokio::test]
+    async fn the_ping_gives_back_a_grown_write_buffer() {
+        let (near, mut far) = tokio::io::duplex(256 * 1024);
+        let mut io = TcpIo::new(near, 1 << 20);
+        let frame = Frame::from(format!(r#"{{"type":"message","data":"{}"}}"#, "x".repeat(1000)));
+        for _ in 0..64 {
+            io.feed(Outbound::Frame(frame.clone())).await.unwrap();
+        }
+        assert!(io.inner.write_buffer().capacity() >= 32 * 1024, "{}", io.inner.write_buffer().capacity());
+        io.flush().await.unwrap();
+        // Written out, the buffer shows no room left (it was advanced past what was
+        // written) but still owns its memory: a write that reused it would find it all.
+        io.send(Outbound::Ping).await.unwrap();
+        // The next frame goes into a fresh buffer of its own size, not the old one.
+        io.feed(Outbound::Frame(frame.clone())).await.unwrap();
+        assert!(io.inner.write_buffer().capacity() < 4096, "{}", io.inner.write_buffer().capacity());
+        io.flush().await.unwrap();
+        let mut got = vec![0; 65 * (frame.len() + 4) + PING_FRAME.len() + 4];
+        far.read_exact(&mut got).await.unwrap();
+        assert!(got.ends_with(&framed(frame.as_str().as_bytes())));
     }
 }

@@ -156,7 +156,10 @@ where
         }
         match item {
             Outbound::Frame(frame) => return Pin::new(&mut self.inner).start_send(Text(frame.into_bytes())),
-            Outbound::Ping => wsframe::put_frame(self.inner.write_buffer_mut(), wsframe::OP_PING, &[]),
+            Outbound::Ping => {
+                super::release_write_buffer(&mut self.inner);
+                wsframe::put_frame(self.inner.write_buffer_mut(), wsframe::OP_PING, &[]);
+            }
             Outbound::Close(code) => {
                 self.close_sent = true;
                 wsframe::put_close(self.inner.write_buffer_mut(), Some(code.close_code()), code.as_str());
@@ -455,6 +458,28 @@ mod tests {
         let socket = io.inner.get_ref();
         assert_eq!(socket.bytes, crate::session::MAX_BATCH * (frame.len() + 4), "every frame, with its header");
         assert_eq!(socket.writes, 1, "{} bytes in {} writes", socket.bytes, socket.writes);
+    }
+
+    /// The buffer a burst grew is given back at the next heartbeat ping: a connection that
+    /// was busy once does not keep tens of kilobytes while quiet.
+    #[tokio::test]
+    async fn the_ping_gives_back_a_grown_write_buffer() {
+        use crate::protocol::Frame;
+        let mut io = WsIo::new(CountingSocket::default(), 1024);
+        let frame = Frame::from(format!(r#"{{"type":"message","data":"{}"}}"#, "x".repeat(1000)));
+        for _ in 0..crate::session::MAX_BATCH {
+            io.feed(Outbound::Frame(frame.clone())).await.unwrap();
+        }
+        assert!(io.inner.write_buffer().capacity() >= 32 * 1024, "{}", io.inner.write_buffer().capacity());
+        io.flush().await.unwrap();
+        // Written out, the buffer shows no room left (it was advanced past what was
+        // written) but still owns its memory: a write that reused it would find it all.
+        io.send(Outbound::Ping).await.unwrap();
+        // The next frame goes into a fresh buffer of its own size, not the old one.
+        io.feed(Outbound::Frame(frame.clone())).await.unwrap();
+        assert!(io.inner.write_buffer().capacity() < 4096, "{}", io.inner.write_buffer().capacity());
+        io.flush().await.unwrap();
+        assert_eq!(io.inner.get_ref().writes, 4, "two for the batch, one for the ping, one for the last frame");
     }
 
     /// A session that closes without a flush (it found nothing to say) releases too: the
