@@ -271,6 +271,31 @@ pub(crate) fn release_write_buffer<T, U>(framed: &mut Framed<T, U>) {
     }
 }
 
+/// Grows `io`'s write buffer with a burst of a session's full batch of 1 KiB frames,
+/// writes it out, pings, and feeds one more frame; returns that frame and the buffer's
+/// capacity (read by `capacity`) after the burst and after the last frame. With the buffer
+/// given back at the ping, the last frame lands in a fresh buffer of its own size.
+#[cfg(test)]
+pub(crate) async fn burst_then_ping<T>(io: &mut T, capacity: impl Fn(&T) -> usize) -> (Frame, usize, usize)
+where
+    T: Sink<Outbound, Error = io::Error> + Unpin,
+{
+    use futures_util::SinkExt as _;
+    let frame = Frame::from(format!(r#"{{"type":"message","data":"{}"}}"#, "x".repeat(1000)));
+    for _ in 0..crate::session::MAX_BATCH {
+        io.feed(Outbound::Frame(frame.clone())).await.unwrap();
+    }
+    let grown = capacity(io);
+    // Written out, the buffer shows no room left (it was advanced past what was written)
+    // but still owns its memory: a write that reused it would find it all again.
+    io.flush().await.unwrap();
+    io.send(Outbound::Ping).await.unwrap();
+    io.feed(Outbound::Frame(frame.clone())).await.unwrap();
+    let after = capacity(io);
+    io.flush().await.unwrap();
+    (frame, grown, after)
+}
+
 /// Sleeps a little after an accept error (e.g. out of file descriptors) so that an accept
 /// loop does not spin; the error is logged by the caller.
 pub(crate) async fn accept_backoff(err: &io::Error) {

@@ -275,21 +275,12 @@ mod tests {
     async fn the_ping_gives_back_a_grown_write_buffer() {
         let (near, mut far) = tokio::io::duplex(256 * 1024);
         let mut io = TcpIo::new(near, 1 << 20);
-        let frame = Frame::from(format!(r#"{{"type":"message","data":"{}"}}"#, "x".repeat(1000)));
-        for _ in 0..64 {
-            io.feed(Outbound::Frame(frame.clone())).await.unwrap();
-        }
-        assert!(io.inner.write_buffer().capacity() >= 32 * 1024, "{}", io.inner.write_buffer().capacity());
-        io.flush().await.unwrap();
-        // Written out, the buffer shows no room left (it was advanced past what was
-        // written) but still owns its memory: a write that reused it would find it all.
-        io.send(Outbound::Ping).await.unwrap();
-        // The next frame goes into a fresh buffer of its own size, not the old one.
-        io.feed(Outbound::Frame(frame.clone())).await.unwrap();
-        assert!(io.inner.write_buffer().capacity() < 4096, "{}", io.inner.write_buffer().capacity());
-        io.flush().await.unwrap();
+        let (frame, grown, after) =
+            super::super::burst_then_ping(&mut io, |io| io.inner.write_buffer().capacity()).await;
+        assert!(grown >= 32 * 1024, "{grown}");
+        assert!(after < 4096, "the frame after the ping went into the old buffer: {after}");
         let mut got = vec![0; 65 * (frame.len() + 4) + PING_FRAME.len() + 4];
         far.read_exact(&mut got).await.unwrap();
-        assert!(got.ends_with(&framed(frame.as_str().as_bytes())));
+        assert!(got.ends_with(&framed(frame.as_bytes())));
     }
 }

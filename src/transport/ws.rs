@@ -464,21 +464,10 @@ mod tests {
     /// was busy once does not keep tens of kilobytes while quiet.
     #[tokio::test]
     async fn the_ping_gives_back_a_grown_write_buffer() {
-        use crate::protocol::Frame;
         let mut io = WsIo::new(CountingSocket::default(), 1024);
-        let frame = Frame::from(format!(r#"{{"type":"message","data":"{}"}}"#, "x".repeat(1000)));
-        for _ in 0..crate::session::MAX_BATCH {
-            io.feed(Outbound::Frame(frame.clone())).await.unwrap();
-        }
-        assert!(io.inner.write_buffer().capacity() >= 32 * 1024, "{}", io.inner.write_buffer().capacity());
-        io.flush().await.unwrap();
-        // Written out, the buffer shows no room left (it was advanced past what was
-        // written) but still owns its memory: a write that reused it would find it all.
-        io.send(Outbound::Ping).await.unwrap();
-        // The next frame goes into a fresh buffer of its own size, not the old one.
-        io.feed(Outbound::Frame(frame.clone())).await.unwrap();
-        assert!(io.inner.write_buffer().capacity() < 4096, "{}", io.inner.write_buffer().capacity());
-        io.flush().await.unwrap();
+        let (_, grown, after) = super::super::burst_then_ping(&mut io, |io| io.inner.write_buffer().capacity()).await;
+        assert!(grown >= 32 * 1024, "{grown}");
+        assert!(after < 4096, "the frame after the ping went into the old buffer: {after}");
         assert_eq!(io.inner.get_ref().writes, 4, "two for the batch, one for the ping, one for the last frame");
     }
 
