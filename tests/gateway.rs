@@ -82,8 +82,8 @@ async fn connected_frame_describes_the_session() {
 }
 
 /// The upgrade response and the `connected` frame reach the client in one TCP segment: the
-/// server holds the first until the second joins it (TCP_CORK). That it lets go after is
-/// checked next to `WsIo`.
+/// server holds the first until the second joins it, and writes them together (checked
+/// next to `WsIo` too).
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn upgrade_response_and_connected_frame_arrive_in_one_segment() {

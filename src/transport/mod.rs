@@ -125,40 +125,6 @@ impl<T> FrameIo for T where
 {
 }
 
-/// A socket whose partial segments can be held back until released (Linux `TCP_CORK`).
-///
-/// A WebSocket connect is answered twice in a row with nothing from the client in between:
-/// the upgrade response, then the session's `connected` frame (or its refusal). With the
-/// socket corked from the upgrade until the session's first flush, both leave in one
-/// segment, which saves a packet and a wake-up at each end per connect
-/// (docs/performance.md). Releasing, or closing the socket, sends what is held; the kernel
-/// also sends it by itself after 200 ms. Elsewhere than Linux this does nothing.
-pub trait Cork {
-    fn set_cork(&self, on: bool);
-}
-
-impl Cork for tokio::net::TcpStream {
-    fn set_cork(&self, on: bool) {
-        // Best effort, like TCP_NODELAY: without it the replies only take two segments.
-        #[cfg(target_os = "linux")]
-        let _ = socket2::SockRef::from(self).set_tcp_cork(on);
-        #[cfg(not(target_os = "linux"))]
-        let _ = on;
-    }
-}
-
-impl<S: Cork> Cork for readahead::ReadAhead<S> {
-    fn set_cork(&self, on: bool) {
-        self.get_ref().set_cork(on);
-    }
-}
-
-impl<S: Cork> Cork for tokio_rustls::server::TlsStream<S> {
-    fn set_cork(&self, on: bool) {
-        self.get_ref().0.set_cork(on);
-    }
-}
-
 /// A stream that can tell whether a read would find something without being given a buffer
 /// to read into.
 pub trait ReadReady {

@@ -4,6 +4,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use futures_util::{Sink, Stream};
@@ -17,7 +18,7 @@ use tracing::debug;
 
 use super::readahead::ReadAhead;
 use super::wsframe::{self, FrameError, Received, Text, WsCodec};
-use super::{Cork, Inbound, Outbound, ReadError, ReadReady, Transport};
+use super::{Inbound, Outbound, ReadError, ReadReady, Transport};
 use crate::hub::{ConnGuard, Hub};
 use crate::protocol::ErrorCode;
 use crate::session::{self, ConnectRequest};
@@ -43,8 +44,9 @@ pub struct WsIo<S> {
     close_sent: bool,
     /// The client's bytes stopped being a WebSocket stream: closing reads raw bytes.
     broken: bool,
-    /// The socket was corked for the handshake ([`Cork`]): released at the first flush.
-    corked: bool,
+    /// The write buffer holds the upgrade response: give it back after the first flush,
+    /// which most connections follow with a long quiet spell.
+    first_flush: bool,
     drained: usize,
 }
 
@@ -63,7 +65,7 @@ enum CloseState {
 
 impl<S> WsIo<S>
 where
-    S: AsyncRead + AsyncWrite + Cork + ReadReady + Unpin,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
     /// Takes over a connection whose upgrade handshake is done; messages (all fragments
     /// together) over `max_message` bytes end it.
@@ -75,23 +77,17 @@ where
             peer_closed: None,
             close_sent: false,
             broken: false,
-            corked: false,
+            first_flush: false,
             drained: 0,
         }
     }
 
-    /// Takes a connection whose socket was corked before the handshake; the first flush (or
-    /// close) releases it.
-    pub fn uncork_at_first_flush(mut self) -> Self {
-        self.corked = true;
+    /// Takes bytes the connection owes its client (the upgrade response, held back by
+    /// [`Handshaking`]): they leave first, in the same write as the first frames.
+    pub fn with_unsent(mut self, bytes: &[u8]) -> Self {
+        self.inner.write_buffer_mut().extend_from_slice(bytes);
+        self.first_flush = true;
         self
-    }
-
-    fn uncork(&mut self) {
-        if self.corked {
-            self.corked = false;
-            self.inner.get_ref().set_cork(false);
-        }
     }
 }
 
@@ -142,7 +138,7 @@ where
 
 impl<S> Sink<Outbound> for WsIo<S>
 where
-    S: AsyncRead + AsyncWrite + Cork + ReadReady + Unpin,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
     type Error = io::Error;
 
@@ -170,7 +166,9 @@ where
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let flushed = ready!(Sink::<Text>::poll_flush(Pin::new(&mut self.inner), cx));
-        self.uncork();
+        if std::mem::take(&mut self.first_flush) {
+            super::release_write_buffer(&mut self.inner);
+        }
         Poll::Ready(flushed)
     }
 
@@ -192,7 +190,6 @@ where
                     // Our last frames are written (a refusal's error and close frames leave
                     // with the upgrade response); the client has to see them to answer.
                     let flushed = ready!(Sink::<Text>::poll_flush(Pin::new(&mut this.inner), cx));
-                    this.uncork();
                     // An error here means the peer is gone; there is nothing left to tell it.
                     match flushed {
                         Err(_) => CloseState::ShuttingDown,
@@ -239,6 +236,46 @@ where
     }
 }
 
+/// An accepted stream during the upgrade handshake. Once the upgrade is accepted, what
+/// tungstenite writes (the `101` response) is kept here rather than sent: it leaves with
+/// the session's first reply (`connected`, or a refusal and the close frame) in one write,
+/// so the client gets one segment (over WSS, one TLS record) without the socket being
+/// held back by an option of its own (docs/performance.md). A refused upgrade (404, 503)
+/// is written through as usual.
+struct Handshaking<S> {
+    inner: S,
+    /// Set by the upgrade callback when it accepts, before the response is written.
+    hold: Arc<AtomicBool>,
+    held: Vec<u8>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Handshaking<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Handshaking<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.hold.load(Ordering::Relaxed) {
+            self.held.extend_from_slice(buf);
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.hold.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Settings for the WebSocket tungstenite builds at the end of the handshake, which is
 /// taken apart at once ([`WsIo`] frames the connection): buffers as small as it allows.
 fn handshake_config() -> WebSocketConfig {
@@ -267,7 +304,7 @@ pub async fn serve_connection<S>(
     guard: Option<ConnGuard>,
     deadline: tokio::time::Instant,
 ) where
-    S: AsyncRead + AsyncWrite + Cork + ReadReady + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
     let limits = &hub.config().limits;
     let full = guard.is_none();
@@ -275,6 +312,8 @@ pub async fn serve_connection<S>(
     // Whether an upgrade request arrived: a connection closed before one (a load balancer's
     // TCP health check, a port scan) is not a refused client.
     let mut requested = false;
+    let hold = Arc::new(AtomicBool::new(false));
+    let accepted = hold.clone();
     let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         requested = true;
         if req.uri().path() != CONNECT_PATH {
@@ -284,11 +323,10 @@ pub async fn serve_connection<S>(
             return Err(json_error(503, "too_many_connections", "this node is at limits.max_connections"));
         }
         query = Some(req.uri().query().unwrap_or_default().to_string());
+        accepted.store(true, Ordering::Relaxed);
         Ok(resp)
     };
-    // Held until the session's first reply joins the upgrade response (or the socket
-    // closes, for a refused upgrade).
-    stream.set_cork(true);
+    let stream = Handshaking { inner: stream, hold, held: Vec::new() };
     let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(handshake_config()));
     let ws = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(ws)) => ws,
@@ -310,7 +348,8 @@ pub async fn serve_connection<S>(
     let request = ConnectRequest::from_query(&query, transport, remote);
     // tungstenite refuses bytes sent after the upgrade request and before our response
     // (RFC 6455, section 4.1: the client waits), so it holds none that this would drop.
-    let io = WsIo::new(ws.into_inner(), limits.max_frame_bytes).uncork_at_first_flush();
+    let Handshaking { inner, held, .. } = ws.into_inner();
+    let io = WsIo::new(inner, limits.max_frame_bytes).with_unsent(&held);
     session::start(io, hub, request, guard).await;
 }
 
@@ -344,33 +383,50 @@ pub async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, tracker: TaskTrac
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use futures_util::SinkExt;
-    use socket2::SockRef;
+    use tokio::io::AsyncWriteExt as _;
     use tokio::net::TcpStream;
 
     use super::*;
 
-    async fn corked_pair() -> (WsIo<TcpStream>, TcpStream) {
+    async fn pair() -> (WsIo<TcpStream>, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        server.set_cork(true);
-        (WsIo::new(server, 1024).uncork_at_first_flush(), client)
+        (WsIo::new(server, 1024), client)
     }
 
-    fn corked(io: &WsIo<TcpStream>) -> bool {
-        SockRef::from(io.inner.get_ref()).tcp_cork().unwrap()
-    }
+    const UPGRADE: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
 
-    /// Held only until the session's first reply: a socket left corked would hold every
-    /// later frame for the kernel's 200 ms.
+    /// Until the upgrade is accepted, writes go through (a refusal is sent as it is
+    /// written); after, they are held, and flushing them sends nothing.
     #[tokio::test]
-    async fn the_first_flush_releases_the_socket() {
-        let (mut io, _client) = corked_pair().await;
-        assert!(corked(&io));
-        io.feed(Outbound::Ping).await.unwrap();
-        assert!(corked(&io), "feeding alone does not release");
+    async fn the_handshake_holds_what_follows_the_acceptance() {
+        let hold = Arc::new(AtomicBool::new(false));
+        let mut stream = Handshaking { inner: CountingSocket::default(), hold: hold.clone(), held: Vec::new() };
+        stream.write_all(b"HTTP/1.1 404 Not Found\r\n\r\n").await.unwrap();
+        stream.flush().await.unwrap();
+        assert_eq!(stream.inner.writes, 1);
+        hold.store(true, Ordering::Relaxed);
+        stream.write_all(UPGRADE).await.unwrap();
+        stream.flush().await.unwrap();
+        assert_eq!(stream.inner.writes, 1, "nothing more reached the socket");
+        assert_eq!(stream.held, UPGRADE);
+    }
+
+    /// The held upgrade response leaves first, in the same write as the session's first
+    /// reply: the client gets both in one segment.
+    #[tokio::test]
+    async fn the_upgrade_response_leaves_with_the_first_reply() {
+        let mut io = WsIo::new(CountingSocket::default(), 1024).with_unsent(UPGRADE);
+        io.feed(Outbound::Frame(crate::protocol::Frame::from(r#"{"type":"connected"}"#.to_string()))).await.unwrap();
+        assert_eq!(io.inner.get_ref().writes, 0, "feeding alone sends nothing");
         io.flush().await.unwrap();
-        assert!(!corked(&io));
+        let socket = io.inner.get_ref();
+        assert_eq!(socket.writes, 1);
+        assert!(socket.written.starts_with(UPGRADE), "{:?}", String::from_utf8_lossy(&socket.written));
+        assert_eq!(socket.written.len(), UPGRADE.len() + 2 + r#"{"type":"connected"}"#.len());
+        // Written, the two leave nothing behind: a quiet connection holds no write buffer.
+        assert_eq!(io.inner.write_buffer().capacity(), 0);
     }
 
     /// A client that sends nothing after its upgrade (most of them, most of the time) gets
@@ -379,7 +435,7 @@ mod tests {
     async fn a_quiet_connection_holds_no_read_buffer() {
         use futures_util::{FutureExt as _, StreamExt as _};
         use tokio::io::AsyncWriteExt as _;
-        let (mut io, mut client) = corked_pair().await;
+        let (mut io, mut client) = pair().await;
         assert!(io.next().now_or_never().is_none());
         assert_eq!(io.inner.read_buffer().capacity(), 0);
         // A masked text frame "{}" (mask 1, 2, 3, 4).
@@ -394,6 +450,7 @@ mod tests {
     struct CountingSocket {
         writes: usize,
         bytes: usize,
+        written: Vec<u8>,
     }
 
     impl AsyncRead for CountingSocket {
@@ -406,6 +463,7 @@ mod tests {
         fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
             self.writes += 1;
             self.bytes += buf.len();
+            self.written.extend_from_slice(buf);
             Poll::Ready(Ok(buf.len()))
         }
 
@@ -416,10 +474,6 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
-    }
-
-    impl Cork for CountingSocket {
-        fn set_cork(&self, _: bool) {}
     }
 
     impl ReadReady for CountingSocket {
@@ -471,13 +525,16 @@ mod tests {
         assert_eq!(io.inner.get_ref().writes, 4, "two for the batch, one for the ping, one for the last frame");
     }
 
-    /// A session that closes without a flush (it found nothing to say) releases too: the
-    /// client has to see the close frame to answer it.
+    /// A session that closes without a flush (it found nothing to say) sends the upgrade
+    /// response too, before its close frame: the client has to see both to answer.
     #[tokio::test]
-    async fn closing_releases_the_socket() {
-        let (mut io, _client) = corked_pair().await;
+    async fn closing_sends_the_upgrade_response_first() {
+        let mut io = WsIo::new(CountingSocket::default(), 1024).with_unsent(UPGRADE);
         // The client never answers; one poll of the close is enough.
         let _ = tokio::time::timeout(std::time::Duration::from_millis(50), io.close()).await;
-        assert!(!corked(&io));
+        let socket = io.inner.get_ref();
+        assert_eq!(socket.writes, 1);
+        assert!(socket.written.starts_with(UPGRADE));
+        assert_eq!(&socket.written[UPGRADE.len()..], [0x88, 0], "an empty close frame");
     }
 }
