@@ -120,6 +120,7 @@ fn authenticate(c: &mut Criterion) {
         transport: Transport::Ws,
         remote: "127.0.0.1:40000".parse().unwrap(),
         params: vec![],
+        batch: false,
     };
     let jwt = |app: &str, secret: &str| {
         request(app, switchboard::auth::jwt::issue(secret.as_bytes(), "alice", Duration::from_secs(3600)))

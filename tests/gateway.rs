@@ -79,6 +79,107 @@ async fn connected_frame_describes_the_session() {
     assert_eq!(hello["ping_interval_ms"], 7000);
     assert_eq!(hello["idle_timeout_ms"], 20000);
     assert!(hello["conn_id"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(hello.get("batch").is_none(), "batch is said only when asked for: {hello}");
+}
+
+/// The lines of one batched message, each parsed; a line never holds a raw newline.
+fn lines_of(message: &[u8]) -> Vec<serde_json::Value> {
+    message.split(|&b| b == b'\n').map(|line| serde_json::from_slice(line).unwrap()).collect()
+}
+
+/// Twenty sends with client ids, in one write.
+fn burst(to: &str) -> Vec<Message> {
+    (0..20)
+        .map(|i| Message::Text(json!({"to": to, "data": {"n": i}, "client_id": format!("b{i}")}).to_string().into()))
+        .collect()
+}
+
+/// With `batch=1` the frames the server writes in one go arrive as one WebSocket message,
+/// a line each; a client that did not ask still gets one message per frame.
+#[tokio::test]
+async fn batched_frames_arrive_as_lines_of_one_message() {
+    use futures_util::SinkExt as _;
+    let s = TestServer::spawn().await;
+    let mut alice =
+        WsClient::connect(&s.ws_url(&format!("app_id=demo&token={}&batch=1", token("demo", "alice")))).await;
+    let hello = alice.recv().await;
+    assert_eq!((hello["type"].as_str(), &hello["batch"]), (Some("connected"), &json!(true)), "{hello}");
+    let mut bob = s.ws("demo", "bob").await;
+
+    for m in burst("bob") {
+        alice.ws.feed(m).await.unwrap();
+    }
+    alice.ws.flush().await.unwrap();
+    // The session answers what one read brought in with one write: the twenty acks come
+    // as lines of one message, in order.
+    let mut acks = Vec::new();
+    let mut messages = 0;
+    while acks.len() < 20 {
+        let Some(Ok(Message::Text(text))) = alice.next_raw().await else { panic!("expected text") };
+        messages += 1;
+        acks.extend(lines_of(text.as_bytes()));
+    }
+    assert_eq!(messages, 1, "twenty acks in one message");
+    for (i, ack) in acks.iter().enumerate() {
+        assert_eq!((ack["type"].as_str(), ack["client_id"].as_str()), (Some("ack"), Some(&*format!("b{i}"))));
+        assert_eq!(ack["status"], "delivered");
+    }
+    // Bob did not ask: one message per frame.
+    for i in 0..20 {
+        let Some(Ok(Message::Text(text))) = bob.next_raw().await else { panic!("expected text") };
+        assert!(!text.contains('\n'));
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap()["data"]["n"], i);
+    }
+
+    // A newline the sender left between JSON tokens becomes a space; one escaped inside a
+    // string stays as it was.
+    bob.send(Message::Text("{\"to\":\"alice\",\"data\":{\n\"k\":\"v\\n\"}}".into())).await;
+    assert_eq!(bob.recv().await["type"], "ack");
+    let Some(Ok(Message::Text(text))) = alice.next_raw().await else { panic!("expected text") };
+    assert_eq!(text.matches('\n').count(), 0, "{text}");
+    assert!(text.contains(r#""data":{ "k":"v\n"}"#), "{text}");
+    assert_eq!(lines_of(text.as_bytes())[0]["data"], json!({"k": "v\n"}));
+}
+
+/// Over TCP, `"batch": true` in the connect frame: the frames of one write share one
+/// length-prefixed frame.
+#[tokio::test]
+async fn batched_frames_over_tcp_share_one_length_prefix() {
+    use futures_util::{SinkExt, StreamExt as _};
+    let s = TestServer::spawn().await;
+    let mut carol = TcpClient::connect(s.tcp_addr()).await;
+    carol.send_json(&json!({"type":"connect","app_id":"demo","token":token("demo", "carol"),"batch":true})).await;
+    let hello = carol.recv().await;
+    assert_eq!((hello["type"].as_str(), &hello["batch"]), (Some("connected"), &json!(true)), "{hello}");
+    let _dave = s.ws("demo", "dave").await;
+
+    for m in burst("dave") {
+        carol.framed.feed(m.into_data()).await.unwrap();
+    }
+    SinkExt::<bytes::Bytes>::flush(&mut carol.framed).await.unwrap();
+    let frame = tokio::time::timeout(WAIT, carol.framed.next()).await.unwrap().unwrap().unwrap();
+    let acks = lines_of(&frame);
+    assert_eq!(acks.len(), 20, "twenty acks in one frame");
+    assert!(acks.iter().enumerate().all(|(i, a)| a["client_id"] == format!("b{i}") && a["status"] == "delivered"));
+}
+
+/// `batch` takes a boolean; anything else is refused with a stable code before the
+/// session starts.
+#[tokio::test]
+async fn a_batch_that_is_not_a_boolean_is_refused() {
+    let s = TestServer::spawn().await;
+    let mut ws = WsClient::connect(&s.ws_url(&format!("app_id=demo&token={}&batch=yes", token("demo", "erin")))).await;
+    let (frames, code, reason) = ws.expect_close().await;
+    assert_eq!((frames[0]["code"].as_str(), frames[0]["fatal"].as_bool()), (Some("invalid_frame"), Some(true)));
+    assert!(frames[0]["message"].as_str().unwrap().contains("batch"), "{}", frames[0]);
+    assert_eq!((code, reason.as_str()), (1008, "invalid_frame"));
+
+    let mut tcp = TcpClient::connect(s.tcp_addr()).await;
+    tcp.send_json(&json!({"type":"connect","app_id":"demo","token":token("demo", "erin"),"batch":"yes"})).await;
+    let frames = tcp.expect_eof().await;
+    assert_eq!((frames[0]["code"].as_str(), frames[0]["fatal"].as_bool()), (Some("invalid_frame"), Some(true)));
+    assert_eq!(s.sessions_of("demo", "erin"), 0);
+    s.assert_healthy().await;
 }
 
 /// The upgrade response and the `connected` frame reach the client in one TCP segment: the

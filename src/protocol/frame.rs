@@ -36,6 +36,8 @@ pub struct ChannelFrame<'a> {
 pub struct ConnectFrame<'a> {
     pub app_id: Cow<'a, str>,
     pub token: Cow<'a, str>,
+    /// `"batch": true`: the client reads batched frames.
+    pub batch: bool,
 }
 
 #[derive(Debug)]
@@ -78,6 +80,9 @@ struct Wire<'a> {
     /// Read raw so that only `send` and `publish` give it a meaning (and a type).
     #[serde(borrow, default)]
     ack: Option<&'a RawValue>,
+    /// Read raw, as `ack`: only `connect` gives it a meaning.
+    #[serde(borrow, default)]
+    batch: Option<&'a RawValue>,
 }
 
 /// Whether `bytes` starts (after whitespace) like a JSON object. serde reads a struct from
@@ -155,7 +160,16 @@ fn decode_any(text: &str) -> Result<ClientFrame<'_>, DecodeError> {
             Ok(ClientFrame::Send(SendFrame { to, data, client_id: wire.client_id, ack }))
         }
         "connect" => match (wire.app_id, wire.token) {
-            (Some(app_id), Some(token)) => Ok(ClientFrame::Connect(ConnectFrame { app_id, token })),
+            (Some(app_id), Some(token)) => {
+                let batch = match wire.batch.map(RawValue::get) {
+                    None | Some("false") => false,
+                    Some("true") => true,
+                    Some(_) => {
+                        return Err(fail(ErrorCode::InvalidFrame, "\"batch\" must be true or false", &wire.client_id));
+                    }
+                };
+                Ok(ClientFrame::Connect(ConnectFrame { app_id, token, batch }))
+            }
             (None, _) => Err(fail(ErrorCode::UnknownApp, "connect frame needs \"app_id\"", &wire.client_id)),
             (_, None) => Err(fail(ErrorCode::TokenMissing, "connect frame needs \"token\"", &wire.client_id)),
         },
@@ -203,6 +217,9 @@ pub enum ServerFrame<'a> {
         node_id: &'a str,
         ping_interval_ms: u64,
         idle_timeout_ms: u64,
+        /// Present (`true`) when the client asked for batched frames and gets them.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        batch: bool,
     },
     Ack {
         #[serde(skip_serializing_if = "Option::is_none")]

@@ -38,8 +38,11 @@ pub struct ConnectRequest {
     pub token: Option<String>,
     pub transport: Transport,
     pub remote: SocketAddr,
-    /// Other query parameters of a WebSocket upgrade (never the token).
+    /// Other query parameters of a WebSocket upgrade (never the token or `batch`).
     pub params: Vec<(String, String)>,
+    /// The client reads batched frames (`batch=1`, docs/protocol.md); the transport joins
+    /// them, the session says so in `connected`.
+    pub batch: bool,
 }
 
 // The token is a credential: keep it out of `{:?}`.
@@ -51,22 +54,31 @@ impl std::fmt::Debug for ConnectRequest {
             .field("transport", &self.transport)
             .field("remote", &self.remote)
             .field("params", &self.params)
+            .field("batch", &self.batch)
             .finish()
     }
 }
 
 impl ConnectRequest {
-    /// Reads `app_id`, `token` and any other parameters from an upgrade's query string.
-    pub fn from_query(query: &str, transport: Transport, remote: SocketAddr) -> Self {
-        let mut request = Self { app_id: None, token: None, transport, remote, params: Vec::new() };
+    /// Reads `app_id`, `token`, `batch` and any other parameters from an upgrade's query
+    /// string; fails (with what to tell the client) on a `batch` that is not a boolean.
+    pub fn from_query(query: &str, transport: Transport, remote: SocketAddr) -> Result<Self, &'static str> {
+        let mut request = Self { app_id: None, token: None, transport, remote, params: Vec::new(), batch: false };
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
             match &*k {
                 "app_id" => request.app_id = Some(v.into_owned()),
                 "token" => request.token = Some(v.into_owned()),
+                "batch" => {
+                    request.batch = match &*v {
+                        "1" | "true" => true,
+                        "0" | "false" => false,
+                        _ => return Err("the batch parameter must be 1, true, 0 or false"),
+                    }
+                }
                 _ => request.params.push((k.into_owned(), v.into_owned())),
             }
         }
-        request
+        Ok(request)
     }
 }
 
@@ -148,6 +160,7 @@ pub async fn start<T: FrameIo>(io: T, hub: Arc<Hub>, request: ConnectRequest, gu
         channels: Vec::new(),
         last_seen: Instant::now(),
         conversation: None,
+        batch: request.batch,
     };
     async move {
         debug!("connected");
@@ -189,6 +202,8 @@ struct Session<T> {
     /// The last direct recipient and this user's conversation id with them: messages tend
     /// to go to the same peer many times in a row, and the id costs a SHA-256.
     conversation: Option<(Box<str>, Box<str>)>,
+    /// The client asked for batched frames (said back in `connected`).
+    batch: bool,
 }
 
 /// Why a session ended.
@@ -300,6 +315,7 @@ impl<T: FrameIo> Session<T> {
             node_id: &self.hub.node().id,
             ping_interval_ms: hb.ping_interval.as_millis() as u64,
             idle_timeout_ms: hb.idle_timeout.as_millis() as u64,
+            batch: self.batch,
         }
         .encode();
         if let Err(exit) = self.send(Outbound::Frame(connected)).await {
@@ -718,6 +734,7 @@ mod tests {
             transport: Transport::Tcp,
             remote: "127.0.0.1:1".parse().unwrap(),
             params: vec![],
+            batch: false,
         };
         let guard = hub.try_admit().unwrap();
         let gate = Arc::new(Gate::default());

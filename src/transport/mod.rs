@@ -6,6 +6,7 @@
 //! inbound JSON frames and a sink of outbound ones, whatever carried them. It does not look
 //! inside frames.
 
+mod batch;
 pub mod readahead;
 pub mod tcp;
 pub mod tls;

@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::codec::{Framed, LengthDelimitedCodec, LengthDelimitedCodecError};
 use tokio_util::task::TaskTracker;
 
+use super::batch::{Batch, Framing};
 use super::readahead::ReadAhead;
 use super::{Inbound, Outbound, ReadError, ReadReady, Transport};
 use crate::hub::Hub;
@@ -29,6 +30,8 @@ pub struct TcpIo<S> {
     inner: Framed<S, LengthDelimitedCodec>,
     /// Whether `inner` has a read buffer ([`super::poll_read_frames`]).
     read_buffer: bool,
+    /// The open message of a connection that asked for batched frames.
+    batch: Option<Batch>,
     shut_down: bool,
     drained: usize,
 }
@@ -40,11 +43,25 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> TcpIo<S> {
             .big_endian()
             .max_frame_length(max_frame_bytes)
             .new_codec();
-        Self { inner: super::framed(stream, codec), read_buffer: false, shut_down: false, drained: 0 }
+        Self { inner: super::framed(stream, codec), read_buffer: false, batch: None, shut_down: false, drained: 0 }
     }
 }
 
 impl<S> TcpIo<S> {
+    /// Joins the frames written between flushes into one length-prefixed frame, a line
+    /// each ([`super::batch`]).
+    pub fn batched(mut self, on: bool) -> Self {
+        self.batch = on.then(|| Batch::new(Framing::Length32));
+        self
+    }
+
+    /// Ends the open batch, if any: what is in the write buffer may now be written.
+    fn seal(&mut self) {
+        if let Some(batch) = &mut self.batch {
+            batch.seal(self.inner.write_buffer_mut());
+        }
+    }
+
     /// Gives the read buffer back if it holds nothing: after its `connect` frame a client is
     /// usually quiet.
     fn release_read_buffer(&mut self) {
@@ -76,10 +93,21 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Sink<Outbound> for TcpIo<S> 
     type Error = io::Error;
 
     fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The inner sink writes its buffer out once it holds a batch's worth.
+        if self.inner.write_buffer().len() >= super::WRITE_BATCH {
+            self.seal();
+        }
         Sink::<Bytes>::poll_ready(Pin::new(&mut self.inner), cx)
     }
 
     fn start_send(mut self: Pin<&mut Self>, item: Outbound) -> io::Result<()> {
+        let this = &mut *self;
+        if let (Some(batch), Outbound::Frame(frame)) = (&mut this.batch, &item)
+            && batch.push(this.inner.write_buffer_mut(), frame.as_bytes())
+        {
+            return Ok(());
+        }
+        self.seal();
         match item {
             Outbound::Frame(frame) => Pin::new(&mut self.inner).start_send(frame.into_bytes()),
             Outbound::Ping => {
@@ -92,12 +120,14 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Sink<Outbound> for TcpIo<S> 
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.seal();
         Sink::<Bytes>::poll_flush(Pin::new(&mut self.inner), cx)
     }
 
     /// Flushes, sends FIN, then reads and drops what the client still sends (bounded), so
     /// that the last frame is not lost to a TCP reset.
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.seal();
         let this = &mut *self;
         if !this.shut_down {
             let _ = ready!(Sink::<Bytes>::poll_flush(Pin::new(&mut this.inner), cx));
@@ -152,6 +182,7 @@ where
             transport: Transport::Tcp,
             remote,
             params: Vec::new(),
+            batch: c.batch,
         },
         Ok(_) => {
             rejected(ErrorCode::ConnectRequired);
@@ -166,6 +197,7 @@ where
     // The frame shares the read buffer's memory: both go before the session starts.
     drop(first);
     io.release_read_buffer();
+    let io = io.batched(request.batch);
     session::start(io, hub, request, guard).await;
 }
 

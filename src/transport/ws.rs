@@ -16,6 +16,7 @@ use tokio_util::codec::Framed;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use super::batch::{Batch, Framing};
 use super::readahead::ReadAhead;
 use super::wsframe::{self, FrameError, Received, Text, WsCodec};
 use super::{Inbound, Outbound, ReadError, ReadReady, Transport};
@@ -47,6 +48,8 @@ pub struct WsIo<S> {
     /// The write buffer holds the upgrade response: give it back after the first flush,
     /// which most connections follow with a long quiet spell.
     first_flush: bool,
+    /// The open message of a connection that asked for batched frames.
+    batch: Option<Batch>,
     drained: usize,
 }
 
@@ -78,7 +81,22 @@ where
             close_sent: false,
             broken: false,
             first_flush: false,
+            batch: None,
             drained: 0,
+        }
+    }
+
+    /// Joins the frames written between flushes into one message, a line each
+    /// ([`super::batch`]).
+    pub fn batched(mut self, on: bool) -> Self {
+        self.batch = on.then(|| Batch::new(Framing::WsText));
+        self
+    }
+
+    /// Ends the open batch, if any: what is in the write buffer may now be written.
+    fn seal(&mut self) {
+        if let Some(batch) = &mut self.batch {
+            batch.seal(self.inner.write_buffer_mut());
         }
     }
 
@@ -110,6 +128,7 @@ where
             Some(Ok(Received::Ping(payload))) => {
                 // Answered at the session's next flush, which follows every burst it reads.
                 if !self.close_sent {
+                    self.seal();
                     wsframe::put_frame(self.inner.write_buffer_mut(), wsframe::OP_PONG, &payload);
                 }
                 Ok(Inbound::Activity)
@@ -143,6 +162,10 @@ where
     type Error = io::Error;
 
     fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The inner sink writes its buffer out once it holds a batch's worth.
+        if self.inner.write_buffer().len() >= super::WRITE_BATCH {
+            self.seal();
+        }
         Sink::<Text>::poll_ready(Pin::new(&mut self.inner), cx)
     }
 
@@ -150,6 +173,13 @@ where
         if self.close_sent {
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the WebSocket is closing"));
         }
+        let this = &mut *self;
+        if let (Some(batch), Outbound::Frame(frame)) = (&mut this.batch, &item)
+            && batch.push(this.inner.write_buffer_mut(), frame.as_bytes())
+        {
+            return Ok(());
+        }
+        self.seal();
         match item {
             Outbound::Frame(frame) => return Pin::new(&mut self.inner).start_send(Text(frame.into_bytes())),
             Outbound::Ping => {
@@ -165,6 +195,7 @@ where
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.seal();
         let flushed = ready!(Sink::<Text>::poll_flush(Pin::new(&mut self.inner), cx));
         if std::mem::take(&mut self.first_flush) {
             super::release_write_buffer(&mut self.inner);
@@ -177,6 +208,7 @@ where
     /// until its close reply, then shuts the socket. Bounded by [`LINGER_MAX_BYTES`];
     /// callers bound it in time.
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.seal();
         let this = &mut *self;
         loop {
             this.close = match this.close {
@@ -345,12 +377,17 @@ pub async fn serve_connection<S>(
         }
     };
     let (Some(guard), Some(query)) = (guard, query) else { return };
-    let request = ConnectRequest::from_query(&query, transport, remote);
     // tungstenite refuses bytes sent after the upgrade request and before our response
     // (RFC 6455, section 4.1: the client waits), so it holds none that this would drop.
     let Handshaking { inner, held, .. } = ws.into_inner();
     let io = WsIo::new(inner, limits.max_frame_bytes).with_unsent(&held);
-    session::start(io, hub, request, guard).await;
+    match ConnectRequest::from_query(&query, transport, remote) {
+        Ok(request) => session::start(io.batched(request.batch), hub, request, guard).await,
+        Err(why) => {
+            hub.metrics().rejected(None, transport, ErrorCode::InvalidFrame.as_str());
+            session::reject(io, ErrorCode::InvalidFrame, why).await;
+        }
+    }
 }
 
 /// Accepts plain WebSocket connections until shutdown.
@@ -509,6 +546,49 @@ mod tests {
         let socket = io.inner.get_ref();
         assert_eq!(socket.written.len(), crate::session::MAX_BATCH * (frame.len() + 4), "every frame, with its header");
         assert_eq!(socket.writes, 1, "{} bytes in {} writes", socket.written.len(), socket.writes);
+    }
+
+    /// The server's frames in `wire`: (opcode, payload) each.
+    fn server_frames(mut wire: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut frames = Vec::new();
+        while !wire.is_empty() {
+            let (len, at) = match wire[1] {
+                126 => (usize::from(u16::from_be_bytes([wire[2], wire[3]])), 4),
+                127 => panic!("no batch needs a 64-bit length"),
+                len => (usize::from(len), 2),
+            };
+            frames.push((wire[0], wire[at..at + len].to_vec()));
+            wire = &wire[at + len..];
+        }
+        frames
+    }
+
+    /// A batch larger than the write buffer's limit: the inner sink writes mid-burst, and
+    /// every message it writes is whole; a ping seals the open one; nothing is lost or
+    /// reordered.
+    #[tokio::test]
+    async fn a_batch_is_sealed_before_any_write() {
+        let mut io = WsIo::new(CountingSocket::default(), 1024).batched(true);
+        let frame = |i: usize| format!(r#"{{"n":{i},"p":"{}"}}"#, "x".repeat(1000));
+        for i in 0..crate::session::MAX_BATCH {
+            io.feed(Outbound::Frame(crate::protocol::Frame::from(frame(i)))).await.unwrap();
+        }
+        io.feed(Outbound::Ping).await.unwrap();
+        io.feed(Outbound::Frame(crate::protocol::Frame::from(frame(64)))).await.unwrap();
+        io.flush().await.unwrap();
+        let socket = io.inner.get_ref();
+        assert!(socket.writes >= 2, "the burst was written before the flush: {}", socket.writes);
+        let frames = server_frames(&socket.written);
+        let opcodes: Vec<u8> = frames.iter().map(|(op, _)| *op).collect();
+        assert_eq!(opcodes, [0x81, 0x81, 0x89, 0x81], "two messages of the burst, the ping, the last frame");
+        let lines: Vec<String> = frames
+            .iter()
+            .filter(|(op, _)| *op == 0x81)
+            .flat_map(|(_, payload)| {
+                std::str::from_utf8(payload).unwrap().split('\n').map(str::to_string).collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(lines, (0..=64).map(frame).collect::<Vec<_>>());
     }
 
     /// The buffer a burst grew is given back at the next heartbeat ping: a connection that
