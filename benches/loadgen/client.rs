@@ -112,6 +112,9 @@ pub struct Endpoint {
     pub secret: String,
     /// switchboard: mint hmac-auth plugin tokens with this key instead of JWTs.
     pub hmac_key: Option<String>,
+    /// switchboard: ask for batched frames (`batch=1`): the frames written in one burst
+    /// arrive as one message, a line each, as nats-server's do.
+    pub batch: bool,
 }
 
 impl Endpoint {
@@ -247,6 +250,8 @@ pub struct Reader {
     /// NATS and MQTT are byte streams inside WebSocket messages: what is not yet a whole
     /// protocol message.
     buf: BytesMut,
+    /// switchboard's batched frames: the lines of the last message not yet taken.
+    lines: Bytes,
 }
 
 /// Connects as `id` and, when `subscribe` is true, subscribes to `id`'s own topic (for
@@ -260,23 +265,32 @@ pub async fn connect(
     match endpoint.system {
         System::Switchboard => {
             let token = token(endpoint, id);
-            let path = format!("/ws/connect?app_id={}&token={token}", endpoint.app);
+            let batch = if endpoint.batch { "&batch=1" } else { "" };
+            let path = format!("/ws/connect?app_id={}&token={token}{batch}", endpoint.app);
             let (mut sink, stream) = halves(endpoint, &path, source).await?;
             if endpoint.wire == Wire::Tcp {
                 // Over TCP the credentials are the first frame.
-                let connect = serde_json::json!({"type": "connect", "app_id": endpoint.app, "token": token});
+                let connect = serde_json::json!({"type": "connect", "app_id": endpoint.app, "token": token,
+                    "batch": endpoint.batch});
                 sink.send(Message::Text(connect.to_string().into())).await?;
             }
-            let mut reader = Reader { system: System::Switchboard, stream, buf: BytesMut::new() };
-            let hello = reader.next_raw().await?.ok_or_else(|| anyhow!("closed before connected"))?;
+            let mut reader = Reader::new(System::Switchboard, stream);
+            let hello = reader.next_frame().await?.ok_or_else(|| anyhow!("closed before connected"))?;
             if !hello.starts_with(br#"{"type":"connected""#) {
                 bail!("switchboard refused {id}: {}", String::from_utf8_lossy(&hello));
+            }
+            if endpoint.batch != hello.windows(12).any(|w| w == br#""batch":true"#) {
+                bail!(
+                    "switchboard did not answer batch={} in connected: {}",
+                    endpoint.batch,
+                    String::from_utf8_lossy(&hello)
+                );
             }
             Ok((Writer { system: System::Switchboard, sink, ack: true }, reader))
         }
         System::Nats => {
             let (mut sink, stream) = halves(endpoint, "/", source).await?;
-            let mut reader = Reader { system: System::Nats, stream, buf: BytesMut::new() };
+            let mut reader = Reader::new(System::Nats, stream);
             let mut hello = String::from("CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1}\r\n");
             if subscribe {
                 hello += &format!("SUB u.{id} 1\r\n");
@@ -289,7 +303,7 @@ pub async fn connect(
         }
         System::Mosquitto => {
             let (mut sink, stream) = halves(endpoint, "/", source).await?;
-            let mut reader = Reader { system: System::Mosquitto, stream, buf: BytesMut::new() };
+            let mut reader = Reader::new(System::Mosquitto, stream);
             sink.send(Message::Binary(mqtt_connect(id))).await?;
             reader.mqtt_expect(0x20).await.context("CONNACK")?;
             if subscribe {
@@ -315,7 +329,7 @@ pub async fn connect_channel(
             let frame = format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#);
             writer.sink.send(Message::Text(Utf8Bytes::from(frame))).await?;
             loop {
-                let f = reader.next_raw().await?.ok_or_else(|| anyhow!("closed before subscribed"))?;
+                let f = reader.next_frame().await?.ok_or_else(|| anyhow!("closed before subscribed"))?;
                 if f.starts_with(br#"{"type":"subscribed""#) {
                     break;
                 }
@@ -406,6 +420,28 @@ impl Writer {
 impl Reader {
     /// The next WebSocket message's (or TCP frame's) bytes (switchboard: one frame per
     /// message).
+    fn new(system: System, stream: In) -> Self {
+        Self { system, stream, buf: BytesMut::new(), lines: Bytes::new() }
+    }
+
+    /// switchboard: the next frame, a line of a batched message or a message of its own.
+    async fn next_frame(&mut self) -> anyhow::Result<Option<Bytes>> {
+        if self.lines.is_empty() {
+            match self.next_raw().await? {
+                Some(message) => self.lines = message,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(match memchr::memchr(b'\n', &self.lines) {
+            Some(end) => {
+                let line = self.lines.split_to(end);
+                self.lines.advance(1);
+                line
+            }
+            None => std::mem::take(&mut self.lines),
+        }))
+    }
+
     async fn next_raw(&mut self) -> anyhow::Result<Option<Bytes>> {
         let stream = match &mut self.stream {
             In::Ws(stream) => stream,
@@ -440,7 +476,7 @@ impl Reader {
     pub async fn next_payload(&mut self) -> anyhow::Result<Option<Bytes>> {
         loop {
             match self.system {
-                System::Switchboard => match self.next_raw().await? {
+                System::Switchboard => match self.next_frame().await? {
                     None => return Ok(None),
                     Some(frame) if frame.starts_with(br#"{"type":"message""#) => return Ok(Some(frame)),
                     Some(_) => continue,
@@ -471,7 +507,7 @@ impl Reader {
     /// Reads frames until the connection closes, counting switchboard `error` frames (a
     /// message that was refused, e.g. by a filter, and will never arrive).
     pub async fn drain_counting_errors(mut self, errors: impl Fn()) {
-        while let Ok(Some(frame)) = self.next_raw().await {
+        while let Ok(Some(frame)) = self.next_frame().await {
             if self.system == System::Switchboard && frame.starts_with(br#"{"type":"error""#) {
                 errors();
             }

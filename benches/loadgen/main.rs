@@ -183,17 +183,25 @@ async fn main() -> anyhow::Result<()> {
         for &system in &systems {
             // The peers' publishes are never answered; switchboard runs as it is used by
             // default (every send acknowledged) and again with `"ack": false`, like them.
-            // Then every system over plain TCP (switchboard acknowledging).
-            let variants: &[(Wire, bool, &str)] = if system == System::Switchboard {
-                &[(Wire::WebSocket, true, ""), (Wire::WebSocket, false, ", no ack"), (Wire::Tcp, true, ", tcp")]
+            // Its clients read batched frames (one message per burst, as nats-server writes
+            // them); once more they read one message per frame. Then every system over
+            // plain TCP (switchboard acknowledging).
+            let variants: &[(Wire, bool, bool, &str)] = if system == System::Switchboard {
+                &[
+                    (Wire::WebSocket, true, true, ""),
+                    (Wire::WebSocket, false, true, ", no ack"),
+                    (Wire::WebSocket, true, false, ", unbatched"),
+                    (Wire::Tcp, true, true, ", tcp"),
+                ]
             } else {
-                &[(Wire::WebSocket, true, ""), (Wire::Tcp, true, ", tcp")]
+                &[(Wire::WebSocket, true, true, ""), (Wire::Tcp, true, true, ", tcp")]
             };
-            for &(wire, ack, suffix) in variants {
+            for &(wire, ack, batch, suffix) in variants {
                 let opts = DirectOpts { ack, ..opts.clone() };
                 let server = target::start(system)?;
+                let endpoint = Endpoint { batch, ..server.endpoint.over(wire) };
                 progress(&format!("direct: {pairs} pairs, max rate, {}{suffix}", system.name()));
-                let r = scenarios::direct(&server, &server.endpoint.over(wire), &format!("max{suffix}"), &opts).await?;
+                let r = scenarios::direct(&server, &endpoint, &format!("max{suffix}"), &opts).await?;
                 let half = (r.msgs_per_sec / 2.0).max(100.0);
                 report.direct.push(r);
                 drop(server);
@@ -205,7 +213,8 @@ async fn main() -> anyhow::Result<()> {
                 ));
                 let paced = opts.paced(half);
                 let label = format!("half-peak{suffix}");
-                report.direct.push(scenarios::direct(&server, &server.endpoint.over(wire), &label, &paced).await?);
+                let endpoint = Endpoint { batch, ..server.endpoint.over(wire) };
+                report.direct.push(scenarios::direct(&server, &endpoint, &label, &paced).await?);
             }
         }
     }
@@ -409,6 +418,7 @@ fn ratios(report: &mut Report) {
     for (label, peer_label, what) in [
         ("max", "max", ""),
         ("max, no ack", "max", ", switchboard without acks"),
+        ("max, unbatched", "max", ", switchboard's clients reading one message per frame"),
         ("max, tcp", "max, tcp", ", over TCP"),
     ] {
         let Some(sb) = find_direct("switchboard", label) else { continue };
@@ -482,13 +492,23 @@ fn ratios(report: &mut Report) {
 fn print_direct<'a>(title: &str, rows: impl Iterator<Item = &'a DirectResult>) {
     println!("\n{title}");
     println!(
-        "{:<12} {:<24} {:>6} {:>11} {:>10} {:>9} {:>9} {:>9} {:>12} {:>8}",
-        "system", "run", "pairs", "target/s", "msg/s", "p50 µs", "p99 µs", "p999 µs", "cpu ms/1k", "refused"
+        "{:<12} {:<24} {:>6} {:>11} {:>10} {:>9} {:>9} {:>9} {:>12} {:>12} {:>8}",
+        "system",
+        "run",
+        "pairs",
+        "target/s",
+        "msg/s",
+        "p50 µs",
+        "p99 µs",
+        "p999 µs",
+        "server ms/1k",
+        "client ms/1k",
+        "refused"
     );
     for d in rows {
         let target = d.target_rate.map_or("max".to_string(), |t| format!("{t:.0}"));
         println!(
-            "{:<12} {:<24} {:>6} {:>11} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>12.2} {:>8}",
+            "{:<12} {:<24} {:>6} {:>11} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>12.2} {:>12.2} {:>8}",
             d.system,
             d.label,
             d.pairs,
@@ -498,6 +518,7 @@ fn print_direct<'a>(title: &str, rows: impl Iterator<Item = &'a DirectResult>) {
             d.p99_us,
             d.p999_us,
             d.server_cpu_ms_per_1k,
+            d.client_cpu_ms_per_1k,
             d.refused
         );
     }

@@ -22,6 +22,14 @@ fn source(i: usize) -> Option<IpAddr> {
     Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % 200) as u8)))
 }
 
+/// CPU time (user and system) this process has used, in seconds.
+fn own_cpu_seconds() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let usage = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage(RUSAGE_SELF) cannot fail");
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    secs(usage.user_time()) + secs(usage.system_time())
+}
+
 fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")
 }
@@ -160,6 +168,8 @@ pub struct DirectResult {
     pub p999_us: f64,
     /// CPU seconds the server used per 1000 delivered messages.
     pub server_cpu_ms_per_1k: f64,
+    /// The same for the load generator: what the clients paid.
+    pub client_cpu_ms_per_1k: f64,
 }
 
 struct PairState {
@@ -292,12 +302,14 @@ pub async fn direct_between(
 
     tokio::time::sleep(opts.warmup).await;
     let cpu0 = cpu_now();
+    let own0 = own_cpu_seconds();
     measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
     tokio::time::sleep(opts.duration).await;
     measuring.store(false, Ordering::Relaxed);
     let seconds = t0.elapsed().as_secs_f64();
     let cpu = cpu_now() - cpu0;
+    let own = own_cpu_seconds() - own0;
     let count = delivered.load(Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     for s in &states {
@@ -325,6 +337,7 @@ pub async fn direct_between(
         p99_us: us(&latency, 0.99),
         p999_us: us(&latency, 0.999),
         server_cpu_ms_per_1k: if count == 0 { 0.0 } else { cpu * 1000.0 / (count as f64 / 1000.0) },
+        client_cpu_ms_per_1k: if count == 0 { 0.0 } else { own * 1000.0 / (count as f64 / 1000.0) },
     })
 }
 
