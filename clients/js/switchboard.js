@@ -519,7 +519,8 @@ export class SwitchboardClient extends EventTarget {
     }
     if (run.signal.aborted) return { kind: "aborted", error: abortError() };
     // 3. The connection, until it ends.
-    const url = `${trimSlashes(address)}/ws/connect?app_id=${encodeURIComponent(o.appId)}&token=${encodeURIComponent(token)}`;
+    // batch=1: frames written together arrive as one message, a line each (protocol.md).
+    const url = `${trimSlashes(address)}/ws/connect?app_id=${encodeURIComponent(o.appId)}&token=${encodeURIComponent(token)}&batch=1`;
     return this.#session(run, url, address, source);
   }
 
@@ -580,6 +581,10 @@ export class SwitchboardClient extends EventTarget {
         return;
       }
       let connected = false;
+      // The server said `"batch":true`: every message is frames, one per line. Until
+      // `connected` a message is split too: a node that predates batching sends nothing
+      // but its own compact frames before it, and those hold no newline.
+      let batched = false;
       let ended = false;
       let errorFrame = null; // the last error frame not answering a request
       let reconnectFrame = null;
@@ -638,9 +643,16 @@ export class SwitchboardClient extends EventTarget {
       ws.onmessage = (event) => {
         if (ended) return;
         if (connected) armIdle();
+        const text = typeof event.data === "string" ? event.data : "";
+        for (const line of batched || !connected ? text.split("\n") : [text]) {
+          if (ended) return;
+          onFrame(line);
+        }
+      };
+      const onFrame = (text) => {
         let frame;
         try {
-          frame = JSON.parse(typeof event.data === "string" ? event.data : "");
+          frame = JSON.parse(text);
         } catch {
           this.#emitError(new SwitchboardError("invalid_server_frame", "the server sent a frame that is not JSON"));
           return;
@@ -650,6 +662,7 @@ export class SwitchboardClient extends EventTarget {
           case "connected": {
             if (connected) return;
             connected = true;
+            batched = frame.batch === true;
             clearTimeout(connectTimer);
             const pingMs = positive(frame.ping_interval_ms, DEFAULTS.pingIntervalMs);
             idleMs = positive(frame.idle_timeout_ms, DEFAULTS.idleTimeoutMs);

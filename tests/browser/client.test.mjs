@@ -434,6 +434,34 @@ describe("requests", () => {
     assert.deepEqual(c.messages, [frame]);
     c.close();
   });
+
+  test("asks for batched frames and takes a batch apart, line by line", async () => {
+    const gw = new FakeGateway({ onConnect: (conn) => conn.accept({ batch: true }) });
+    gw.onFrame = () => {};
+    const c = client(gw);
+    await c.connect();
+    assert.equal(gw.last.url.searchParams.get("batch"), "1");
+    const acked = c.send("bob", { n: 1 });
+    const id = gw.last.ws.sent[0].client_id;
+    const m1 = { type: "message", from: "bob", to: "alice", event: 1, data: { n: 1 }, msg_id: "1" };
+    const m2 = { ...m1, data: { n: 2 }, msg_id: "2" };
+    const ack = { type: "ack", client_id: id, msg_id: "m", status: "delivered", delivered: 1 };
+    gw.last.ws.onmessage({ data: [m1, ack, m2].map((f) => JSON.stringify(f)).join("\n") });
+    assert.deepEqual(c.messages, [m1, m2]);
+    assert.equal((await acked).status, "delivered");
+    assert.deepEqual(c.errors, []);
+    c.close();
+  });
+
+  test("from a node that does not batch, a newline inside a frame is part of it", async () => {
+    const gw = new FakeGateway();
+    const c = client(gw);
+    await c.connect();
+    gw.last.ws.onmessage({ data: '{"type":"message","from":"bob","data":{\n"k":1}}' });
+    assert.deepEqual(c.messages, [{ type: "message", from: "bob", data: { k: 1 } }]);
+    assert.deepEqual(c.errors, []);
+    c.close();
+  });
 });
 
 describe("staying connected", () => {
