@@ -113,7 +113,7 @@ pub struct Endpoint {
     /// switchboard: mint hmac-auth plugin tokens with this key instead of JWTs.
     pub hmac_key: Option<String>,
     /// switchboard: ask for batched frames (`batch=1`): the frames written in one burst
-    /// arrive as one message, a line each, as nats-server's do.
+    /// arrive as one message, a line each (NATS's byte stream lets one message carry many).
     pub batch: bool,
 }
 

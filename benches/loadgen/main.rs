@@ -183,9 +183,9 @@ async fn main() -> anyhow::Result<()> {
         for &system in &systems {
             // The peers' publishes are never answered; switchboard runs as it is used by
             // default (every send acknowledged) and again with `"ack": false`, like them.
-            // Its clients read batched frames (one message per burst, as nats-server writes
-            // them); once more they read one message per frame. Then every system over
-            // plain TCP (switchboard acknowledging).
+            // Its clients read batched frames (one message per burst; NATS's byte stream lets
+            // one message carry many); once more they read one message per frame. Then every
+            // system over plain TCP (switchboard acknowledging).
             let variants: &[(Wire, bool, bool, &str)] = if system == System::Switchboard {
                 &[
                     (Wire::WebSocket, true, true, ""),
