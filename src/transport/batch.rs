@@ -1,6 +1,7 @@
 //! Batched frames (`batch=1` on connect, docs/protocol.md): the frames a session writes
 //! between two flushes leave as one WebSocket message (or one length-prefixed TCP frame),
-//! one JSON frame per line. A client then reads one message per burst instead of one per
+//! one JSON frame per line; a batch is cut where the transport writes its buffer out
+//! mid-burst (past [`super::WRITE_BATCH`]) and around control frames. A client then reads one message per burst instead of one per
 //! frame, as a NATS client can, its protocol being a byte stream inside WebSocket messages.
 //!
 //! The frames are appended to the connection's write buffer behind a header whose length is
@@ -9,8 +10,9 @@
 
 use bytes::{BufMut, BytesMut};
 
-/// The largest message a batch grows to; a frame that would take it past this starts the
-/// next message, and a frame this large or larger is written on its own.
+/// The largest message a batch grows to (less when `limits.max_frame_bytes` is lower); a
+/// frame that would take it past this starts the next message, and a frame this large or
+/// larger is written on its own.
 pub(crate) const MAX_BATCH_BYTES: usize = u16::MAX as usize;
 
 /// Room reserved for the header of an open message: a WebSocket frame header with a 16-bit
@@ -30,13 +32,17 @@ pub(crate) enum Framing {
 #[derive(Debug)]
 pub(crate) struct Batch {
     framing: Framing,
+    /// The largest payload of a batched message.
+    limit: usize,
     /// Where the open message's header starts in the write buffer.
     open: Option<usize>,
 }
 
 impl Batch {
-    pub(crate) fn new(framing: Framing) -> Self {
-        Self { framing, open: None }
+    /// Batches of at most `max_frame_bytes` (the node's limit on one frame, which a batch
+    /// keeps to as well) and never over [`MAX_BATCH_BYTES`].
+    pub(crate) fn new(framing: Framing, max_frame_bytes: usize) -> Self {
+        Self { framing, limit: max_frame_bytes.min(MAX_BATCH_BYTES), open: None }
     }
 
     /// Appends `frame` to the open message in `buf` (opening one if needed) and returns
@@ -47,12 +53,12 @@ impl Batch {
     /// JSON text a raw newline can only be whitespace between tokens (inside a string it
     /// must be escaped), so the frame means the same.
     pub(crate) fn push(&mut self, buf: &mut BytesMut, frame: &[u8]) -> bool {
-        if frame.len() >= MAX_BATCH_BYTES {
+        if frame.len() >= self.limit {
             self.seal(buf);
             return false;
         }
         match self.open {
-            Some(start) if buf.len() - start - HEADER + 1 + frame.len() <= MAX_BATCH_BYTES => buf.put_u8(b'\n'),
+            Some(start) if buf.len() - start - HEADER + 1 + frame.len() <= self.limit => buf.put_u8(b'\n'),
             _ => {
                 self.seal(buf);
                 self.open = Some(buf.len());
@@ -103,7 +109,7 @@ mod tests {
 
     fn batched(framing: Framing, frames: &[&[u8]]) -> Vec<u8> {
         let mut buf = BytesMut::new();
-        let mut batch = Batch::new(framing);
+        let mut batch = Batch::new(framing, MAX_BATCH_BYTES);
         for frame in frames {
             assert!(batch.push(&mut buf, frame));
         }
@@ -145,7 +151,7 @@ mod tests {
     fn a_full_message_is_sealed_and_the_next_one_opened() {
         let frame = vec![b'x'; 30_000];
         let mut buf = BytesMut::new();
-        let mut batch = Batch::new(Framing::Length32);
+        let mut batch = Batch::new(Framing::Length32, MAX_BATCH_BYTES);
         for _ in 0..3 {
             assert!(batch.push(&mut buf, &frame));
         }
@@ -159,7 +165,7 @@ mod tests {
     #[test]
     fn a_frame_too_large_to_share_is_left_to_the_caller() {
         let mut buf = BytesMut::new();
-        let mut batch = Batch::new(Framing::WsText);
+        let mut batch = Batch::new(Framing::WsText, MAX_BATCH_BYTES);
         assert!(batch.push(&mut buf, b"{}"));
         assert!(!batch.push(&mut buf, &vec![b'x'; MAX_BATCH_BYTES]));
         // The open message was sealed first, so the caller's frame follows it.
@@ -168,9 +174,22 @@ mod tests {
     }
 
     #[test]
+    fn a_lower_frame_limit_bounds_the_batch() {
+        let mut buf = BytesMut::new();
+        let mut batch = Batch::new(Framing::Length32, 100);
+        for _ in 0..3 {
+            assert!(batch.push(&mut buf, &[b'x'; 40]));
+        }
+        assert!(!batch.push(&mut buf, &[b'x'; 100]), "a frame at the limit travels alone");
+        // 40 + 1 + 40 fit in 100; the third frame opened a second message.
+        assert_eq!(buf[..4], 81u32.to_be_bytes());
+        assert_eq!(buf[4 + 81..4 + 81 + 4], 40u32.to_be_bytes());
+    }
+
+    #[test]
     fn sealing_nothing_writes_nothing() {
         let mut buf = BytesMut::from(&b"ping"[..]);
-        Batch::new(Framing::WsText).seal(&mut buf);
+        Batch::new(Framing::WsText, MAX_BATCH_BYTES).seal(&mut buf);
         assert_eq!(&buf[..], b"ping");
     }
 }

@@ -48,10 +48,10 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> TcpIo<S> {
 }
 
 impl<S> TcpIo<S> {
-    /// Joins the frames written between flushes into one length-prefixed frame, a line
-    /// each ([`super::batch`]).
-    pub fn batched(mut self, on: bool) -> Self {
-        self.batch = on.then(|| Batch::new(Framing::Length32));
+    /// Joins the frames written between flushes into one length-prefixed frame of at most
+    /// `max_frame_bytes`, a line each ([`super::batch`]).
+    pub fn batched(mut self, on: bool, max_frame_bytes: usize) -> Self {
+        self.batch = on.then(|| Batch::new(Framing::Length32, max_frame_bytes));
         self
     }
 
@@ -197,7 +197,7 @@ where
     // The frame shares the read buffer's memory: both go before the session starts.
     drop(first);
     io.release_read_buffer();
-    let io = io.batched(request.batch);
+    let io = io.batched(request.batch, limits.max_frame_bytes);
     session::start(io, hub, request, guard).await;
 }
 

@@ -86,10 +86,10 @@ where
         }
     }
 
-    /// Joins the frames written between flushes into one message, a line each
-    /// ([`super::batch`]).
-    pub fn batched(mut self, on: bool) -> Self {
-        self.batch = on.then(|| Batch::new(Framing::WsText));
+    /// Joins the frames written between flushes into one message of at most
+    /// `max_frame_bytes`, a line each ([`super::batch`]).
+    pub fn batched(mut self, on: bool, max_frame_bytes: usize) -> Self {
+        self.batch = on.then(|| Batch::new(Framing::WsText, max_frame_bytes));
         self
     }
 
@@ -382,7 +382,7 @@ pub async fn serve_connection<S>(
     let Handshaking { inner, held, .. } = ws.into_inner();
     let io = WsIo::new(inner, limits.max_frame_bytes).with_unsent(&held);
     match ConnectRequest::from_query(&query, transport, remote) {
-        Ok(request) => session::start(io.batched(request.batch), hub, request, guard).await,
+        Ok(request) => session::start(io.batched(request.batch, limits.max_frame_bytes), hub, request, guard).await,
         Err(why) => {
             hub.metrics().rejected(None, transport, ErrorCode::InvalidFrame.as_str());
             session::reject(io, ErrorCode::InvalidFrame, why).await;
@@ -568,7 +568,7 @@ mod tests {
     /// reordered.
     #[tokio::test]
     async fn a_batch_is_sealed_before_any_write() {
-        let mut io = WsIo::new(CountingSocket::default(), 1024).batched(true);
+        let mut io = WsIo::new(CountingSocket::default(), 1024).batched(true, 1 << 16);
         let frame = |i: usize| format!(r#"{{"n":{i},"p":"{}"}}"#, "x".repeat(1000));
         for i in 0..crate::session::MAX_BATCH {
             io.feed(Outbound::Frame(crate::protocol::Frame::from(frame(i)))).await.unwrap();
