@@ -418,8 +418,6 @@ impl Writer {
 }
 
 impl Reader {
-    /// The next WebSocket message's (or TCP frame's) bytes (switchboard: one frame per
-    /// message).
     fn new(system: System, stream: In) -> Self {
         Self { system, stream, buf: BytesMut::new(), lines: Bytes::new() }
     }
@@ -442,6 +440,8 @@ impl Reader {
         }))
     }
 
+    /// The next WebSocket message's (or TCP frame's) bytes (switchboard: one frame, or a
+    /// batch of them).
     async fn next_raw(&mut self) -> anyhow::Result<Option<Bytes>> {
         let stream = match &mut self.stream {
             In::Ws(stream) => stream,

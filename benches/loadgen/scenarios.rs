@@ -14,20 +14,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, Endpoint, System, now_ns, payload, sent_at};
-use crate::target::Server;
+use crate::target::{self, Server};
 
 /// Source address for connection `i`: spread over 127.0.0.2-127.0.0.201 so that many
 /// connections never exhaust one address's ephemeral ports.
 fn source(i: usize) -> Option<IpAddr> {
     Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % 200) as u8)))
-}
-
-/// CPU time (user and system) this process has used, in seconds.
-fn own_cpu_seconds() -> f64 {
-    use nix::sys::resource::{UsageWho, getrusage};
-    let usage = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage(RUSAGE_SELF) cannot fail");
-    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-    secs(usage.user_time()) + secs(usage.system_time())
 }
 
 fn hist() -> Histogram<u64> {
@@ -302,14 +294,14 @@ pub async fn direct_between(
 
     tokio::time::sleep(opts.warmup).await;
     let cpu0 = cpu_now();
-    let own0 = own_cpu_seconds();
+    let own0 = target::cpu_seconds_of("self");
     measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
     tokio::time::sleep(opts.duration).await;
     measuring.store(false, Ordering::Relaxed);
     let seconds = t0.elapsed().as_secs_f64();
     let cpu = cpu_now() - cpu0;
-    let own = own_cpu_seconds() - own0;
+    let own = target::cpu_seconds_of("self") - own0;
     let count = delivered.load(Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     for s in &states {

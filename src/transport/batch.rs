@@ -1,8 +1,9 @@
 //! Batched frames (`batch=1` on connect, docs/protocol.md): the frames a session writes
 //! between two flushes leave as one WebSocket message (or one length-prefixed TCP frame),
 //! one JSON frame per line; a batch is cut where the transport writes its buffer out
-//! mid-burst (past [`super::WRITE_BATCH`]) and around control frames. A client then reads one message per burst instead of one per
-//! frame, as a NATS client can, its protocol being a byte stream inside WebSocket messages.
+//! mid-burst (past [`super::WRITE_BATCH`]) and around control frames. A client then reads
+//! one message per burst instead of one per frame, as a NATS client can, its protocol being
+//! a byte stream inside WebSocket messages.
 //!
 //! The frames are appended to the connection's write buffer behind a header whose length is
 //! filled in when the message is sealed, so batching copies nothing more than writing the
