@@ -1,9 +1,13 @@
 //! The benchmarks never rot: every load generator scenario runs at tiny sizes, against the
 //! real servers, and produces sane figures.
 
+mod common;
+
 use std::process::Command;
 
 use serde_json::Value;
+
+use common::{DEMO_SECRET, TestServer};
 
 #[test]
 fn every_scenario_runs_in_smoke_mode() {
@@ -120,4 +124,90 @@ fn latency_runs_at_the_rates_asked_for() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("not a rate in messages per second"), "--rates {bad}: {stderr}");
     }
+}
+
+/// `--target`: a switchboard this load generator did not start (here one in the test's own
+/// process) is driven over WebSocket and TCP; what only a local process shows (its CPU
+/// time, its memory) is reported as unknown, not as zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_switchboard_is_driven_with_target() {
+    let server = TestServer::with(|c| {
+        c.limits.messages_per_second = 1_000_000;
+        c.limits.message_burst = 1_000_000;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("results.json");
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_loadgen"));
+    cmd.args(["--smoke", "--app", "demo", "--target"])
+        .arg(server.addrs.ws.unwrap().to_string())
+        .arg("--target-tcp")
+        .arg(server.tcp_addr().to_string())
+        .args(["connections", "direct", "latency", "--json"])
+        .arg(&json)
+        .env("LOADGEN_SECRET", DEMO_SECRET);
+    let out = cmd.output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+
+    let labels = |section: &str| -> Vec<String> {
+        r[section].as_array().unwrap().iter().map(|x| x["label"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(labels("connections"), ["idle", "idle, tcp"]);
+    for c in r["connections"].as_array().unwrap() {
+        assert_eq!(
+            (c["system"].as_str(), c["connections"].as_u64(), c["failed"].as_u64()),
+            (Some("switchboard"), Some(50), Some(0)),
+            "{c}"
+        );
+        for unknown in ["server_cpu_us_per_connect", "rss_after_mib", "rss_per_connection_kib"] {
+            assert!(c[unknown].is_null(), "{unknown}: {c}");
+        }
+    }
+    assert_eq!(
+        labels("direct"),
+        [
+            "max",
+            "half-peak",
+            "max, no ack",
+            "half-peak, no ack",
+            "max, unbatched",
+            "half-peak, unbatched",
+            "max, tcp",
+            "half-peak, tcp"
+        ]
+    );
+    assert_eq!(labels("latency"), ["0.4k/s", "0.4k/s, no ack"]);
+    for d in r["direct"].as_array().unwrap().iter().chain(r["latency"].as_array().unwrap()) {
+        assert!(d["delivered"].as_u64().unwrap() > 0 && d["refused"].as_u64() == Some(0), "{d}");
+        assert!(d["server_cpu_ms_per_1k"].is_null() && d["client_cpu_ms_per_1k"].as_f64().unwrap() > 0.0, "{d}");
+    }
+    // The messages went through this server: its own count is at least the clients'.
+    let received: u64 = r["direct"].as_array().unwrap().iter().map(|d| d["delivered"].as_u64().unwrap()).sum();
+    let (_, _, metrics) = common::scrape(&server.http()).await;
+    let delivered = common::sample(&metrics, r#"switchboard_messages_delivered_total{app="demo"}"#).unwrap();
+    assert!(delivered >= received as f64, "{delivered} < {received}");
+    assert!(stdout.contains("      -"), "unknown figures are shown as -: {stdout}");
+
+    // What cannot run against a target is refused before anything connects.
+    for (args, expected) in [
+        (vec!["push"], "--target runs connections, direct and latency"),
+        (vec!["--peers", "nats", "direct"], "--target drives switchboard alone"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .args(["--target", "127.0.0.1:9", "--secret", "s"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["--target", "127.0.0.1:9", "direct"])
+        .env_remove("LOADGEN_SECRET")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("needs the app's JWT secret"), "{stderr}");
 }

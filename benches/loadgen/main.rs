@@ -9,6 +9,8 @@
 //! ```
 //! `benches/run.sh` builds release binaries, installs the peers and runs everything;
 //! `--smoke` runs every scenario at tiny sizes in seconds (the test command does).
+//! `--target HOST:PORT` drives a switchboard that is already running, on this machine or
+//! another, instead of starting one (`connections`, `direct` and `latency`).
 
 // A binary: `pub` marks what the modules share with each other.
 #![allow(unreachable_pub)]
@@ -88,6 +90,63 @@ struct Args {
     /// Rounds of the `plugins` comparison (the median round is reported).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Drive this switchboard instead of starting one: its WebSocket listener, `host:port`
+    /// (on another machine, say, so that the clients do not share its cores). Runs
+    /// `connections`, `direct` and `latency`, switchboard alone; its CPU time and memory
+    /// are not read (`-` in the tables, `null` in JSON).
+    #[arg(long, value_name = "HOST:PORT")]
+    target: Option<String>,
+    /// The `--target`'s TCP listener, `host:port`: adds the runs over TCP.
+    #[arg(long, value_name = "HOST:PORT", requires = "target")]
+    target_tcp: Option<String>,
+    /// The app the clients of `--target` connect to.
+    #[arg(long, default_value = target::APP, requires = "target")]
+    app: String,
+    /// That app's JWT secret, which the clients' tokens are signed with.
+    #[arg(long, env = "LOADGEN_SECRET", hide_env_values = true, requires = "target")]
+    secret: Option<String>,
+}
+
+/// A switchboard given with `--target`.
+struct Remote {
+    endpoint: Endpoint,
+    /// Its TCP listener was given (`--target-tcp`).
+    tcp: bool,
+}
+
+impl Remote {
+    fn from_args(args: &Args) -> anyhow::Result<Option<Remote>> {
+        let Some(ws) = &args.target else { return Ok(None) };
+        let resolve = |flag: &str, addr: &str| -> anyhow::Result<std::net::SocketAddr> {
+            use std::net::ToSocketAddrs as _;
+            addr.to_socket_addrs()
+                .with_context(|| format!("{flag} {addr}: expected host:port"))?
+                .next()
+                .with_context(|| format!("{flag} {addr}: the name has no address"))
+        };
+        let scenarios = [Scenario::Connections, Scenario::Direct, Scenario::Latency];
+        if let Some(other) = args.scenarios.iter().find(|s| !scenarios.contains(s)) {
+            anyhow::bail!("--target runs connections, direct and latency; not {other:?}");
+        }
+        if args.peers.as_ref().is_some_and(|p| p.iter().any(|p| *p != Peer::None)) {
+            anyhow::bail!("--target drives switchboard alone: --peers has nothing to start there");
+        }
+        let secret = args.secret.clone().context("--target needs the app's JWT secret: --secret or LOADGEN_SECRET")?;
+        let ws = resolve("--target", ws)?;
+        let tcp = args.target_tcp.as_deref().map(|addr| resolve("--target-tcp", addr)).transpose()?;
+        let endpoint = Endpoint {
+            system: System::Switchboard,
+            ws,
+            // Never dialled without --target-tcp: the TCP runs are left out.
+            tcp: tcp.unwrap_or(ws),
+            wire: Wire::WebSocket,
+            app: args.app.clone(),
+            secret,
+            hmac_key: None,
+            batch: true,
+        };
+        Ok(Some(Remote { endpoint, tcp: tcp.is_some() }))
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -156,7 +215,14 @@ async fn main() -> anyhow::Result<()> {
     } else {
         (Duration::from_secs(2), Duration::from_secs_f64(args.duration))
     };
-    let systems = systems(&args);
+    let remote = Remote::from_args(&args)?;
+    let systems = if remote.is_some() { vec![System::Switchboard] } else { systems(&args) };
+    // The server for each run: a fresh one, or the --target every time.
+    let start = |system: System| match &remote {
+        Some(r) => Ok(target::Server::remote(r.endpoint.clone())),
+        None => target::start(system),
+    };
+    let reachable = |wire: Wire| wire == Wire::WebSocket || remote.as_ref().is_none_or(|r| r.tcp);
     let mut report = Report::default();
 
     if run(Scenario::Connections) {
@@ -167,8 +233,8 @@ async fn main() -> anyhow::Result<()> {
             (nofile.saturating_sub(1000) as usize).min(100_000)
         });
         for &system in &systems {
-            for (wire, label) in WIRES {
-                let server = target::start(system)?;
+            for (wire, label) in WIRES.into_iter().filter(|(wire, _)| reachable(*wire)) {
+                let server = start(system)?;
                 let endpoint = server.endpoint.over(wire);
                 progress(&format!("connections: {n} to {}, {label}", system.name()));
                 let r = scenarios::connections(&server, &endpoint, label, n, args.concurrency).await?;
@@ -196,9 +262,9 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 &[(Wire::WebSocket, true, true, ""), (Wire::Tcp, true, true, ", tcp")]
             };
-            for &(wire, ack, batch, suffix) in variants {
+            for &(wire, ack, batch, suffix) in variants.iter().filter(|v| reachable(v.0)) {
                 let opts = DirectOpts { ack, ..opts.clone() };
-                let server = target::start(system)?;
+                let server = start(system)?;
                 let endpoint = Endpoint { batch, ..server.endpoint.over(wire) };
                 progress(&format!("direct: {pairs} pairs, max rate, {}{suffix}", system.name()));
                 let r = scenarios::direct(&server, &endpoint, &format!("max{suffix}"), &opts).await?;
@@ -206,7 +272,7 @@ async fn main() -> anyhow::Result<()> {
                 report.direct.push(r);
                 drop(server);
                 // Latency at half of that peak, on a fresh server.
-                let server = target::start(system)?;
+                let server = start(system)?;
                 progress(&format!(
                     "direct: {pairs} pairs at {half:.0} msg/s (half of peak), {}{suffix}",
                     system.name()
@@ -234,7 +300,7 @@ async fn main() -> anyhow::Result<()> {
                 if system == System::Switchboard { &[(true, ""), (false, ", no ack")] } else { &[(true, "")] };
             for &(ack, suffix) in acks {
                 for &rate in rates {
-                    let server = target::start(system)?;
+                    let server = start(system)?;
                     progress(&format!("latency: {} pairs at {rate:.0} msg/s, {}{suffix}", opts.pairs, system.name()));
                     let paced = DirectOpts { ack, ..opts.clone() }.paced(rate);
                     let label = format!("{}k/s{suffix}", rate / 1000.0);
@@ -276,6 +342,13 @@ async fn main() -> anyhow::Result<()> {
 
     ratios(&mut report);
     print_tables(&report);
+    let refused: u64 = report.direct.iter().chain(&report.latency).map(|d| d.refused).sum();
+    if remote.is_some() && refused > 0 {
+        eprintln!(
+            "loadgen: the target refused {refused} sends; one under load needs [limits] messages_per_second \
+             and message_burst above the rate each client sends at (docs/performance.md, --target)"
+        );
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -375,14 +448,14 @@ async fn cluster(args: &Args, warmup: Duration, duration: Duration, report: &mut
         let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
         let label = if cross { "cross-node" } else { "same-node" };
         progress(&format!("cluster: direct, {pairs} pairs, {label}"));
-        let idle0 = c.cpu_seconds();
+        let idle0 = c.cpu_seconds().expect("a node started here");
         let r = if cross {
             scenarios::direct_between(&[a, b], &b.endpoint, &a.endpoint, label, &opts).await?
         } else {
             scenarios::direct_between(&[a], &a.endpoint, &a.endpoint, label, &opts).await?
         };
         if cross {
-            report.cluster_idle_node_cpu_ms = Some((c.cpu_seconds() - idle0) * 1000.0);
+            report.cluster_idle_node_cpu_ms = c.cpu_seconds().map(|cpu| (cpu - idle0) * 1000.0);
         }
         report.cluster.push(r);
     }
@@ -440,10 +513,12 @@ fn ratios(report: &mut Report) {
                     what: format!("connects/s switchboard/{peer}{what}"),
                     ratio: sb.connects_per_sec / p.connects_per_sec,
                 });
-                out.push(Ratio {
-                    what: format!("RSS per connection switchboard/{peer}{what}"),
-                    ratio: sb.rss_per_connection_kib / p.rss_per_connection_kib.max(f64::MIN_POSITIVE),
-                });
+                if let (Some(sb), Some(p)) = (sb.rss_per_connection_kib, p.rss_per_connection_kib) {
+                    out.push(Ratio {
+                        what: format!("RSS per connection switchboard/{peer}{what}"),
+                        ratio: sb / p.max(f64::MIN_POSITIVE),
+                    });
+                }
             }
         }
     }
@@ -508,7 +583,7 @@ fn print_direct<'a>(title: &str, rows: impl Iterator<Item = &'a DirectResult>) {
     for d in rows {
         let target = d.target_rate.map_or("max".to_string(), |t| format!("{t:.0}"));
         println!(
-            "{:<12} {:<24} {:>6} {:>11} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>12.2} {:>12.2} {:>8}",
+            "{:<12} {:<24} {:>6} {:>11} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>12} {:>12.2} {:>8}",
             d.system,
             d.label,
             d.pairs,
@@ -517,11 +592,16 @@ fn print_direct<'a>(title: &str, rows: impl Iterator<Item = &'a DirectResult>) {
             d.p50_us,
             d.p99_us,
             d.p999_us,
-            d.server_cpu_ms_per_1k,
+            figure(d.server_cpu_ms_per_1k, 2),
             d.client_cpu_ms_per_1k,
             d.refused
         );
     }
+}
+
+/// A server-side figure for a table: `-` where it could not be read (`--target`).
+fn figure(value: Option<f64>, decimals: usize) -> String {
+    value.map_or("-".into(), |v| format!("{v:.decimals$}"))
 }
 
 fn print_tables(r: &Report) {
@@ -533,7 +613,7 @@ fn print_tables(r: &Report) {
         );
         for c in r.connections.iter().chain(&r.plugins_connect) {
             println!(
-                "{:<12} {:<12} {:>8} {:>6} {:>11.0} {:>10.0} {:>10.0} {:>14.1} {:>10.1} {:>10.2}",
+                "{:<12} {:<12} {:>8} {:>6} {:>11.0} {:>10.0} {:>10.0} {:>14} {:>10} {:>10}",
                 c.system,
                 c.label,
                 c.connections,
@@ -541,9 +621,9 @@ fn print_tables(r: &Report) {
                 c.connects_per_sec,
                 c.connect_p50_us,
                 c.connect_p99_us,
-                c.server_cpu_us_per_connect,
-                c.rss_after_mib,
-                c.rss_per_connection_kib
+                figure(c.server_cpu_us_per_connect, 1),
+                figure(c.rss_after_mib, 1),
+                figure(c.rss_per_connection_kib, 2)
             );
         }
     }
@@ -579,8 +659,14 @@ fn print_tables(r: &Report) {
         println!("\ncluster (3 nodes over NATS)");
         for d in &r.cluster {
             println!(
-                "{:<12} {:>6} pairs {:>10.0} msg/s  p50 {:>7.0} µs  p99 {:>7.0} µs  cpu {:>6.2} ms/1k  refused {}",
-                d.label, d.pairs, d.msgs_per_sec, d.p50_us, d.p99_us, d.server_cpu_ms_per_1k, d.refused
+                "{:<12} {:>6} pairs {:>10.0} msg/s  p50 {:>7.0} µs  p99 {:>7.0} µs  cpu {:>6} ms/1k  refused {}",
+                d.label,
+                d.pairs,
+                d.msgs_per_sec,
+                d.p50_us,
+                d.p99_us,
+                figure(d.server_cpu_ms_per_1k, 2),
+                d.refused
             );
         }
         if let Some(idle) = r.cluster_idle_node_cpu_ms {

@@ -42,11 +42,12 @@ pub struct ConnectionsResult {
     pub connect_p50_us: f64,
     pub connect_p99_us: f64,
     /// CPU time the server spent per connection opened (handshake, authentication, session
-    /// start), in microseconds.
-    pub server_cpu_us_per_connect: f64,
-    pub rss_before_mib: f64,
-    pub rss_after_mib: f64,
-    pub rss_per_connection_kib: f64,
+    /// start), in microseconds. This and the RSS figures are `None` (JSON `null`) for a
+    /// server given with `--target`.
+    pub server_cpu_us_per_connect: Option<f64>,
+    pub rss_before_mib: Option<f64>,
+    pub rss_after_mib: Option<f64>,
+    pub rss_per_connection_kib: Option<f64>,
 }
 
 /// Opens `n` connections (at most `concurrency` handshakes at once), holds them, and
@@ -90,7 +91,7 @@ pub async fn connections(
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = server.cpu_seconds() - cpu_before;
+    let cpu = server.cpu_seconds().zip(cpu_before).map(|(after, before)| after - before);
     if let Some(e) = first_error {
         eprintln!("loadgen: {failed} of {n} connections to {} failed; first: {e:#}", server.system.name());
     }
@@ -106,10 +107,12 @@ pub async fn connections(
         connects_per_sec: held.len() as f64 / elapsed,
         connect_p50_us: us(&latency, 0.5),
         connect_p99_us: us(&latency, 0.99),
-        server_cpu_us_per_connect: cpu * 1e6 / ok as f64,
-        rss_before_mib: rss_before as f64 / 1048576.0,
-        rss_after_mib: rss_after as f64 / 1048576.0,
-        rss_per_connection_kib: rss_after.saturating_sub(rss_before) as f64 / ok as f64 / 1024.0,
+        server_cpu_us_per_connect: cpu.map(|cpu| cpu * 1e6 / ok as f64),
+        rss_before_mib: rss_before.map(|b| b as f64 / 1048576.0),
+        rss_after_mib: rss_after.map(|b| b as f64 / 1048576.0),
+        rss_per_connection_kib: rss_after
+            .zip(rss_before)
+            .map(|(after, before)| after.saturating_sub(before) as f64 / ok as f64 / 1024.0),
     };
     for (writer, reader) in held {
         drop(reader);
@@ -158,8 +161,9 @@ pub struct DirectResult {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
-    /// CPU seconds the server used per 1000 delivered messages.
-    pub server_cpu_ms_per_1k: f64,
+    /// CPU milliseconds the server used per 1000 delivered messages (`None`, JSON `null`,
+    /// for a server given with `--target`).
+    pub server_cpu_ms_per_1k: Option<f64>,
     /// The same for the load generator: what the clients paid.
     pub client_cpu_ms_per_1k: f64,
 }
@@ -198,7 +202,8 @@ pub async fn direct_between(
     opts: &DirectOpts,
 ) -> anyhow::Result<DirectResult> {
     let endpoint = receive_at;
-    let cpu_now = || servers.iter().map(|s| s.cpu_seconds()).sum::<f64>();
+    // None when any of them was not started here.
+    let cpu_now = || servers.iter().map(|s| s.cpu_seconds()).sum::<Option<f64>>();
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let done = CancellationToken::new();
@@ -300,7 +305,7 @@ pub async fn direct_between(
     tokio::time::sleep(opts.duration).await;
     measuring.store(false, Ordering::Relaxed);
     let seconds = t0.elapsed().as_secs_f64();
-    let cpu = cpu_now() - cpu0;
+    let cpu = cpu_now().zip(cpu0).map(|(after, before)| after - before);
     let own = target::cpu_seconds_of("self") - own0;
     let count = delivered.load(Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
@@ -328,7 +333,7 @@ pub async fn direct_between(
         p50_us: us(&latency, 0.5),
         p99_us: us(&latency, 0.99),
         p999_us: us(&latency, 0.999),
-        server_cpu_ms_per_1k: if count == 0 { 0.0 } else { cpu * 1000.0 / (count as f64 / 1000.0) },
+        server_cpu_ms_per_1k: cpu.map(|cpu| if count == 0 { 0.0 } else { cpu * 1000.0 / (count as f64 / 1000.0) }),
         client_cpu_ms_per_1k: if count == 0 { 0.0 } else { own * 1000.0 / (count as f64 / 1000.0) },
     })
 }

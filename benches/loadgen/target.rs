@@ -15,19 +15,26 @@ use crate::client::{Endpoint, System, Wire};
 pub const APP: &str = "bench";
 pub const SECRET: &str = "bench-secret-0123456789abcdef";
 
-/// A server process under test.
+/// A server under test: a process this load generator started, or one given with
+/// `--target` (already running, perhaps on another machine), whose CPU time and memory it
+/// cannot read.
 pub struct Server {
     pub system: System,
-    child: Child,
+    process: Option<Process>,
     pub endpoint: Endpoint,
     /// switchboard's HTTP API.
     pub http: Option<SocketAddr>,
     /// nats-server's client port.
     pub nats_client: Option<SocketAddr>,
+}
+
+/// A server process this load generator started; killed when dropped.
+struct Process {
+    child: Child,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Server {
+impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -35,24 +42,29 @@ impl Drop for Server {
 }
 
 impl Server {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// A switchboard someone else runs, reached at `endpoint`.
+    pub fn remote(endpoint: Endpoint) -> Server {
+        Server { system: endpoint.system, process: None, endpoint, http: None, nats_client: None }
     }
 
-    /// Resident set size of the server process, in bytes.
-    pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
+    fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.child.id())
+    }
+
+    /// Resident set size of the server process, in bytes (`None`: not started here).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).unwrap_or_default();
+        let kb = status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.split_whitespace().next())
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
+            .and_then(|kb| kb.parse::<u64>().ok());
+        Some(kb.map_or(0, |kb| kb * 1024))
     }
 
-    /// CPU time (user + system) the server has used, in seconds.
-    pub fn cpu_seconds(&self) -> f64 {
-        cpu_seconds_of(&self.pid().to_string())
+    /// CPU time (user + system) the server has used, in seconds (`None`: not started here).
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        Some(cpu_seconds_of(&self.pid()?.to_string()))
     }
 }
 
@@ -168,7 +180,7 @@ secret = "{SECRET}"
     let http = addr("http")?;
     Ok(Server {
         system: System::Switchboard,
-        child,
+        process: Some(Process { child, _dir: dir }),
         endpoint: Endpoint {
             system: System::Switchboard,
             ws,
@@ -181,7 +193,6 @@ secret = "{SECRET}"
         },
         http: Some(http),
         nats_client: None,
-        _dir: dir,
     })
 }
 
@@ -228,7 +239,7 @@ fn start_nats_with(jetstream: bool) -> anyhow::Result<Server> {
     wait_listening(client_addr, &mut child)?;
     Ok(Server {
         system: System::Nats,
-        child,
+        process: Some(Process { child, _dir: dir }),
         endpoint: Endpoint {
             system: System::Nats,
             ws: ws_addr,
@@ -241,7 +252,6 @@ fn start_nats_with(jetstream: bool) -> anyhow::Result<Server> {
         },
         http: None,
         nats_client: Some(client_addr),
-        _dir: dir,
     })
 }
 
@@ -274,7 +284,7 @@ pub fn start_mosquitto() -> anyhow::Result<Server> {
     wait_listening(tcp_addr, &mut child)?;
     Ok(Server {
         system: System::Mosquitto,
-        child,
+        process: Some(Process { child, _dir: dir }),
         endpoint: Endpoint {
             system: System::Mosquitto,
             ws: ws_addr,
@@ -287,7 +297,6 @@ pub fn start_mosquitto() -> anyhow::Result<Server> {
         },
         http: None,
         nats_client: None,
-        _dir: dir,
     })
 }
 
