@@ -39,6 +39,12 @@ fn every_scenario_runs_in_smoke_mode() {
     for c in r["connections"].as_array().unwrap() {
         assert_eq!((c["connections"].as_u64(), c["failed"].as_u64()), (Some(50), Some(0)), "{c}");
         assert!(c["connects_per_sec"].as_f64().unwrap() > 0.0);
+        // A server started here is measured (only a --target's figures are unknown).
+        assert!(c["server_cpu_us_per_connect"].as_f64().is_some() && c["rss_after_mib"].as_f64().unwrap() > 0.0, "{c}");
+        assert!(c["rss_per_connection_kib"].as_f64().is_some(), "{c}");
+    }
+    for d in ["direct", "latency", "cluster"].iter().flat_map(|s| r[*s].as_array().unwrap()) {
+        assert!(d["server_cpu_ms_per_1k"].as_f64().is_some(), "{d}");
     }
     for d in r["direct"].as_array().unwrap().iter().chain(r["plugins_direct"].as_array().unwrap()) {
         assert!(d["delivered"].as_u64().unwrap() > 0, "{d}");
@@ -188,7 +194,37 @@ async fn a_running_switchboard_is_driven_with_target() {
     let (_, _, metrics) = common::scrape(&server.http()).await;
     let delivered = common::sample(&metrics, r#"switchboard_messages_delivered_total{app="demo"}"#).unwrap();
     assert!(delivered >= received as f64, "{delivered} < {received}");
-    assert!(stdout.contains("      -"), "unknown figures are shown as -: {stdout}");
+    // Every row of every table shows the unknown figures as `-`.
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("switchboard ")).collect();
+    assert_eq!(rows.len(), 2 + 8 + 2, "{stdout}");
+    for row in rows {
+        assert!(row.split_whitespace().any(|cell| cell == "-"), "{row}");
+    }
+
+    // Without --target-tcp the runs over TCP are left out.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["--smoke", "--app", "demo", "--secret", DEMO_SECRET, "--target"])
+        .arg(server.addrs.ws.unwrap().to_string())
+        .args(["direct", "--json"])
+        .arg(&json)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let labels: Vec<&str> = r["direct"].as_array().unwrap().iter().map(|d| d["label"].as_str().unwrap()).collect();
+    assert_eq!(
+        labels,
+        ["max", "half-peak", "max, no ack", "half-peak, no ack", "max, unbatched", "half-peak, unbatched"]
+    );
+
+    // A secret in the environment does not get in the way of a run without --target.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["--smoke", "--peers", "none", "--rates", "300", "latency"])
+        .env("LOADGEN_SECRET", "exported-for-later")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // What cannot run against a target is refused before anything connects.
     for (args, expected) in [

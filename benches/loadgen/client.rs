@@ -149,7 +149,7 @@ fn ws_config() -> WebSocketConfig {
 /// connections do not run out of one address's ephemeral ports).
 async fn dial(to: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
     let socket = if to.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    if let Some(ip) = source {
+    if let Some(ip) = source_for(to, source) {
         // Leave the port to connect(), which only needs the 4-tuple to be unique; a bind to
         // port 0 would look for a port free on that address alone.
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
@@ -158,6 +158,13 @@ async fn dial(to: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<TcpStrea
     let stream = socket.connect(to).await.with_context(|| format!("connect {to}"))?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// The source address to bind for a connection to `to`: `source` (a loopback address) only
+/// when `to` is a loopback address of the same family. The kernel refuses a loopback
+/// source towards another machine (`--target`), which the OS's own choice reaches.
+fn source_for(to: SocketAddr, source: Option<IpAddr>) -> Option<IpAddr> {
+    source.filter(|ip| to.ip().is_loopback() && ip.is_ipv4() == to.is_ipv4())
 }
 
 /// Dials the WebSocket listener and upgrades at `path`.
@@ -663,6 +670,18 @@ fn mqtt_publish(topic: &str, payload: &[u8]) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spread_source_is_bound_only_towards_loopback() {
+        let spread = Some(IpAddr::from([127, 0, 0, 7]));
+        let at = |addr: &str| addr.parse::<SocketAddr>().unwrap();
+        assert_eq!(source_for(at("127.0.0.1:80"), spread), spread);
+        assert_eq!(source_for(at("127.5.0.1:80"), spread), spread);
+        // Another machine, and loopback of the other family: the OS picks.
+        assert_eq!(source_for(at("10.0.0.5:80"), spread), None);
+        assert_eq!(source_for(at("[::1]:80"), spread), None);
+        assert_eq!(source_for(at("127.0.0.1:80"), None), None);
+    }
 
     #[test]
     fn timestamp_is_found_in_any_envelope() {

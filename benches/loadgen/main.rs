@@ -103,7 +103,7 @@ struct Args {
     #[arg(long, default_value = target::APP, requires = "target")]
     app: String,
     /// That app's JWT secret, which the clients' tokens are signed with.
-    #[arg(long, env = "LOADGEN_SECRET", hide_env_values = true, requires = "target")]
+    #[arg(long, env = "LOADGEN_SECRET", hide_env_values = true)]
     secret: Option<String>,
 }
 
@@ -183,6 +183,17 @@ fn raise_nofile() -> u64 {
     }
 }
 
+/// How many ephemeral ports the kernel hands out (`net.ipv4.ip_local_port_range`).
+fn ephemeral_ports() -> usize {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let ends: Vec<usize> = range.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+    match ends[..] {
+        [low, high] if high >= low => high - low + 1,
+        // Linux's default range, 32768-60999.
+        _ => 28_232,
+    }
+}
+
 fn progress(msg: &str) {
     eprintln!("[loadgen {:>7.1}s] {msg}", client::now_ns() as f64 / 1e9);
 }
@@ -230,7 +241,14 @@ async fn main() -> anyhow::Result<()> {
         let n = args.connections.unwrap_or(if args.smoke {
             50
         } else {
-            (nofile.saturating_sub(1000) as usize).min(100_000)
+            let most = (nofile.saturating_sub(1000) as usize).min(100_000);
+            // Towards another machine every connection leaves from the one address the OS
+            // picks: its ephemeral ports bound how many reach one listener.
+            if remote.as_ref().is_some_and(|r| !r.endpoint.ws.ip().is_loopback()) {
+                most.min(ephemeral_ports())
+            } else {
+                most
+            }
         });
         for &system in &systems {
             for (wire, label) in WIRES.into_iter().filter(|(wire, _)| reachable(*wire)) {
@@ -271,7 +289,7 @@ async fn main() -> anyhow::Result<()> {
                 let half = (r.msgs_per_sec / 2.0).max(100.0);
                 report.direct.push(r);
                 drop(server);
-                // Latency at half of that peak, on a fresh server.
+                // Latency at half of that peak, on a fresh server (or the --target again).
                 let server = start(system)?;
                 progress(&format!(
                     "direct: {pairs} pairs at {half:.0} msg/s (half of peak), {}{suffix}",

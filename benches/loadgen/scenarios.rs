@@ -208,13 +208,17 @@ pub async fn direct_between(
     let stop = Arc::new(AtomicBool::new(false));
     let done = CancellationToken::new();
     let delivered = Arc::new(AtomicU64::new(0));
+    // Users of this run only: a server that outlives a run (`--target`) may still hold
+    // messages for the last run's receivers, which must not be counted here.
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, Ordering::Relaxed);
     let mut receivers = JoinSet::new();
     let mut states = Vec::with_capacity(opts.pairs);
     // Receivers first, so every message has somewhere to go.
     for i in 0..opts.pairs {
-        let (writer, mut reader) = client::connect(endpoint, &format!("r{i}"), true, source(i))
+        let (writer, mut reader) = client::connect(endpoint, &format!("r{i}-{run}"), true, source(i))
             .await
-            .with_context(|| format!("receiver r{i}"))?;
+            .with_context(|| format!("receiver r{i}-{run}"))?;
         let state =
             Arc::new(PairState { received: AtomicU64::new(0), refused: AtomicU64::new(0), notify: Notify::new() });
         states.push(state.clone());
@@ -237,9 +241,9 @@ pub async fn direct_between(
     }
     let mut senders = JoinSet::new();
     for (i, state) in states.iter().enumerate() {
-        let (mut writer, reader) = client::connect(send_at, &format!("s{i}"), false, source(opts.pairs + i))
+        let (mut writer, reader) = client::connect(send_at, &format!("s{i}-{run}"), false, source(opts.pairs + i))
             .await
-            .with_context(|| format!("sender s{i}"))?;
+            .with_context(|| format!("sender s{i}-{run}"))?;
         writer.set_ack(opts.ack);
         // Switchboard acknowledges every send: read those away, counting refusals.
         let counted = state.clone();
@@ -248,7 +252,7 @@ pub async fn direct_between(
             counted.notify.notify_one();
         }));
         let (state, stop, opts) = (state.clone(), stop.clone(), opts.clone());
-        let to = format!("r{i}");
+        let to = format!("r{i}-{run}");
         senders.spawn(async move {
             let mut sent: u64 = 0;
             // Paced: messages whose time has come and that are not sent yet.
