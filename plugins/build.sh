@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-crates=(word-filter hmac-auth geo-router load-router hostile)
+crates=(word-filter hmac-auth geo-router load-router hostile hostile-batch)
 target=wasm32-unknown-unknown
 linker=/usr/lib/rustlib/x86_64-unknown-linux-gnu/bin/wasm-component-ld
 mkdir -p dist

@@ -433,6 +433,9 @@ pub enum World {
     Router,
 }
 
+/// The interface of a message filter that takes a burst of messages per call.
+pub const BATCH_FILTER_EXPORT: &str = "switchboard:policy/batch-filter@0.1.0";
+
 impl World {
     pub const ALL: [World; 3] = [World::Authenticator, World::MessageFilter, World::Router];
 
@@ -444,12 +447,14 @@ impl World {
         }
     }
 
-    /// The interface a component of this world exports.
-    pub const fn export(self) -> &'static str {
+    /// The interfaces a component of this world may export (at least one), the one the
+    /// host prefers first: a message filter may take messages one by one (`filter`) or a
+    /// burst at a time (`batch-filter`, world `batch-message-filter`).
+    pub const fn exports(self) -> &'static [&'static str] {
         match self {
-            World::Authenticator => "switchboard:policy/auth@0.1.0",
-            World::MessageFilter => "switchboard:policy/filter@0.1.0",
-            World::Router => "switchboard:policy/routing@0.1.0",
+            World::Authenticator => &["switchboard:policy/auth@0.1.0"],
+            World::MessageFilter => &[BATCH_FILTER_EXPORT, "switchboard:policy/filter@0.1.0"],
+            World::Router => &["switchboard:policy/routing@0.1.0"],
         }
     }
 

@@ -400,38 +400,92 @@ impl Hub {
         }
     }
 
+    /// Whether `app` has filters: a session then reads a burst of sends before handling
+    /// them, so that the filters see them together ([`Hub::filter_burst`]).
+    pub fn filters_messages(&self, app: &App) -> bool {
+        !self.plugins.load().app(&app.id).filters.is_empty()
+    }
+
     /// Runs the app's filters over one message, in order. Returns the data to deliver when
     /// a filter rewrote it, or why it must not be delivered.
     fn filter(&self, msg: &FilterMessage<'_>, max_bytes: usize) -> Result<Option<Box<RawValue>>, Refused> {
+        if self.plugins.load().app(msg.app_id).filters.is_empty() {
+            return Ok(None);
+        }
+        self.filter_many(std::slice::from_ref(msg), max_bytes).pop().expect("one answer per message")
+    }
+
+    /// Runs the app's filters over messages of one sender, each filter over all the
+    /// messages still standing (one call for them all where the filter takes batches), and
+    /// counts the refusals. Per message, in order: the data to deliver when a filter rewrote
+    /// it, or why it must not be delivered.
+    pub fn filter_burst(
+        &self,
+        app: &App,
+        msgs: &[FilterMessage<'_>],
+        max_bytes: usize,
+    ) -> Vec<Result<Option<Box<RawValue>>, Refused>> {
+        let answers = self.filter_many(msgs, max_bytes);
+        for refused in answers.iter().filter_map(|a| a.as_ref().err()) {
+            app.metrics.denied(refused.code);
+        }
+        answers
+    }
+
+    fn filter_many(&self, msgs: &[FilterMessage<'_>], max_bytes: usize) -> Vec<Result<Option<Box<RawValue>>, Refused>> {
+        let mut answers: Vec<Result<Option<Box<RawValue>>, Refused>> = msgs.iter().map(|_| Ok(None)).collect();
+        let Some(first) = msgs.first() else { return answers };
         let plugins = self.plugins.load();
-        let mut rewritten: Option<Box<RawValue>> = None;
-        for pool in &plugins.app(msg.app_id).filters {
-            let data = rewritten.as_deref().unwrap_or(msg.data);
-            match pool.filter(&FilterMessage { data, ..*msg }, max_bytes) {
-                Ok(Verdict::Allow) => {}
-                Ok(Verdict::Deny(reason)) => return Err(Refused { code: ErrorCode::Denied, message: reason }),
-                Ok(Verdict::Rewrite(raw)) => rewritten = Some(raw),
-                Err(failure) => {
-                    let name = pool.plugin_name();
-                    match pool.plugin.failure {
+        // While no filter has refused or rewritten anything, the next one sees `msgs` as
+        // they are.
+        let mut untouched = true;
+        for pool in &plugins.app(first.app_id).filters {
+            let (standing, verdicts) = if untouched {
+                (None, pool.filter_many(msgs, max_bytes))
+            } else {
+                // The messages no filter has refused yet, with the data the filters before left.
+                let (mut standing, mut batch) = (Vec::with_capacity(msgs.len()), Vec::with_capacity(msgs.len()));
+                for (i, (m, answer)) in msgs.iter().zip(&answers).enumerate() {
+                    if let Ok(rewritten) = answer {
+                        standing.push(i);
+                        batch.push(FilterMessage { data: rewritten.as_deref().unwrap_or(m.data), ..*m });
+                    }
+                }
+                if standing.is_empty() {
+                    break;
+                }
+                let verdicts = pool.filter_many(&batch, max_bytes);
+                (Some(standing), verdicts)
+            };
+            for (k, verdict) in verdicts.into_iter().enumerate() {
+                let i = standing.as_ref().map_or(k, |s| s[k]);
+                if !matches!(verdict, Ok(Verdict::Allow)) {
+                    untouched = false;
+                }
+                match verdict {
+                    Ok(Verdict::Allow) => {}
+                    Ok(Verdict::Deny(reason)) => answers[i] = Err(Refused { code: ErrorCode::Denied, message: reason }),
+                    Ok(Verdict::Rewrite(raw)) => answers[i] = Ok(Some(raw)),
+                    Err(failure) => match pool.plugin.failure {
                         FailurePolicy::FailOpen => {
                             pool.warn_rate_limited(&failure, "filter failed; failing open, message passes");
                         }
                         FailurePolicy::FailClosed => {
                             pool.warn_rate_limited(&failure, "filter failed; failing closed, message refused");
-                            return Err(Refused {
+                            answers[i] = Err(Refused {
                                 code: ErrorCode::FilterFailed,
                                 message: format!(
-                                    "filter {name} failed ({}); the message was not delivered",
+                                    "filter {} failed ({}); the message was not delivered",
+                                    pool.plugin_name(),
                                     failure.kind.as_str()
                                 ),
                             });
                         }
-                    }
+                    },
                 }
             }
         }
-        Ok(rewritten)
+        answers
     }
 
     /// Delivers to this node's sessions of `target`.
@@ -479,18 +533,16 @@ impl Hub {
         Delivery { local, remote }
     }
 
-    /// Runs the filters and encodes one message; the frame to deliver, or why not.
+    /// Encodes one message that passed the filters, with `rewritten` data if they rewrote it.
     /// `conversation`: a direct message's conversation id, if the caller knows it already.
-    fn prepare(
-        &self,
+    fn encode(
         app: &App,
         msg: &FilterMessage<'_>,
+        rewritten: Option<&RawValue>,
         channel: Option<&str>,
         conversation: Option<&str>,
-        max_bytes: usize,
-    ) -> Result<Frame, Refused> {
-        let rewritten = self.filter(msg, max_bytes).inspect_err(|refused| app.metrics.denied(refused.code))?;
-        let data = rewritten.as_deref().unwrap_or(msg.data);
+    ) -> Frame {
+        let data = rewritten.unwrap_or(msg.data);
         let conversation = match (channel, conversation) {
             (Some(c), _) => Cow::Owned(format!("c:{c}")),
             (None, Some(known)) => {
@@ -499,7 +551,7 @@ impl Hub {
             }
             (None, None) => Cow::Owned(conversation_id(&app.id, msg.from, msg.to)),
         };
-        Ok(encode_message(&Envelope {
+        encode_message(&Envelope {
             from: msg.from,
             to: msg.to,
             channel,
@@ -508,7 +560,13 @@ impl Hub {
             msg_id: msg.msg_id,
             send_at: msg.send_at,
             conversation_id: &conversation,
-        }))
+        })
+    }
+
+    /// A new message's id and time (Unix milliseconds).
+    pub fn stamp(&self) -> (MsgId, u64) {
+        let send_at = now_ms();
+        (self.ids.next_at(send_at), send_at)
     }
 
     /// Delivers a direct message from `from` to every connection of `to` in `app`, on every
@@ -541,25 +599,58 @@ impl Hub {
         data: &RawValue,
         max_bytes: usize,
     ) -> Result<Sent, Refused> {
-        let (to, event, channel) = match target {
-            Target::User { uid, .. } => (uid, EVENT_DIRECT, None),
-            Target::Channel { channel, .. } => (channel, EVENT_CHANNEL, Some(channel)),
+        let (msg_id, send_at) = self.stamp();
+        let msg = Self::message(app, from, target, data, &msg_id, send_at);
+        let rewritten = self.filter(&msg, max_bytes).inspect_err(|refused| app.metrics.denied(refused.code))?;
+        Ok(self.send_filtered(app, from, target, data, rewritten.as_deref(), msg_id, send_at).await)
+    }
+
+    /// What the filters see of a message from `from` to `target`.
+    pub fn message<'a>(
+        app: &'a App,
+        from: Sender<'a>,
+        target: Target<'a>,
+        data: &'a RawValue,
+        msg_id: &'a str,
+        send_at: u64,
+    ) -> FilterMessage<'a> {
+        let (to, event) = match target {
+            Target::User { uid, .. } => (uid, EVENT_DIRECT),
+            Target::Channel { channel, .. } => (channel, EVENT_CHANNEL),
         };
-        let send_at = now_ms();
-        let msg_id = self.ids.next_at(send_at);
-        let msg = FilterMessage {
+        FilterMessage {
             app_id: &app.id,
             from: from.uid,
             to,
             event,
             data,
-            msg_id: &msg_id,
+            msg_id,
             send_at,
             sender_metadata: from.metadata,
+        }
+    }
+
+    /// Encodes and delivers a stamped message the filters let through (`rewritten`: the
+    /// data they put in its place), here and on the other nodes.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn send_filtered(
+        &self,
+        app: &App,
+        from: Sender<'_>,
+        target: Target<'_>,
+        data: &RawValue,
+        rewritten: Option<&RawValue>,
+        msg_id: MsgId,
+        send_at: u64,
+    ) -> Sent {
+        let msg = Self::message(app, from, target, data, &msg_id, send_at);
+        let channel = match target {
+            Target::User { .. } => None,
+            Target::Channel { channel, .. } => Some(channel),
         };
-        let frame = self.prepare(app, &msg, channel, from.conversation, max_bytes)?;
+        let frame = Self::encode(app, &msg, rewritten, channel, from.conversation);
         let delivery = self.deliver(app, target, frame, from.wants_count).await;
-        Ok(Sent { msg_id, send_at, delivery })
+        Sent { msg_id, send_at, delivery }
     }
 
     /// Delivers one pushed message to each recipient (filtered per recipient), on every
@@ -572,12 +663,11 @@ impl Hub {
         data: &RawValue,
     ) -> (MsgId, u64, Vec<Recipient>) {
         app.metrics.from_push.inc();
-        let send_at = now_ms();
-        let msg_id = self.ids.next_at(send_at);
+        let (msg_id, send_at) = self.stamp();
         let max_bytes = self.config.limits.max_http_body_bytes;
-        let mut deliveries = Vec::with_capacity(recipients.len());
-        for to in recipients {
-            let msg = FilterMessage {
+        let msgs: Vec<FilterMessage<'_>> = recipients
+            .iter()
+            .map(|to| FilterMessage {
                 app_id: &app.id,
                 from,
                 to,
@@ -586,9 +676,17 @@ impl Hub {
                 msg_id: &msg_id,
                 send_at,
                 sender_metadata: &[],
-            };
-            deliveries.push(match self.prepare(app, &msg, None, None, max_bytes) {
-                Ok(frame) => Ok(self.deliver(app, Target::User { app: &app.id, uid: to }, frame, true).await),
+            })
+            .collect();
+        // One filter call for all the recipients where the filter takes batches.
+        let answers = self.filter_burst(app, &msgs, max_bytes);
+        let mut deliveries = Vec::with_capacity(recipients.len());
+        for (msg, answer) in msgs.iter().zip(answers) {
+            deliveries.push(match answer {
+                Ok(rewritten) => {
+                    let frame = Self::encode(app, msg, rewritten.as_deref(), None, None);
+                    Ok(self.deliver(app, Target::User { app: &app.id, uid: msg.to }, frame, true).await)
+                }
                 Err(refused) => Err(refused),
             });
         }

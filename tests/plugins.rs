@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use futures_util::SinkExt as _;
 use hmac::{Mac, SimpleHmac};
 use serde_json::{Value, json};
 use switchboard::config::{AppAuth, AuthMode, Config, FailurePolicy, PluginConfig, World};
@@ -155,14 +156,19 @@ async fn auth_plugin_after_jwt_keeps_the_jwt_uid() {
 
 // === filters ===
 
-#[tokio::test]
-async fn denied_message_never_reaches_the_recipient() {
-    let s = TestServer::with(|c| {
+/// A server whose app `demo` runs the word filter, with the admin API.
+async fn words_server() -> TestServer {
+    TestServer::with(|c| {
         c.plugins.push(words());
         app(c, "demo").filters = vec!["words".into()];
         c.admin.token = Some(ADMIN.into());
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn denied_message_never_reaches_the_recipient() {
+    let s = words_server().await;
     let mut alice = s.ws("demo", "alice").await;
     let mut bob = s.tcp("demo", "bob").await;
 
@@ -197,6 +203,128 @@ async fn denied_message_never_reaches_the_recipient() {
     assert_eq!(body["delivered"], 0);
     let m = admin_plugins(&s).await;
     assert_eq!(metrics_of(&m, "words", "demo")["denials"], 3);
+}
+
+#[tokio::test]
+async fn a_burst_of_sends_reaches_a_batch_filter_in_one_call() {
+    // The word filter exports `batch-filter`: the frames a client writes at once are
+    // filtered by one call, and each still gets its own verdict and reply, in order.
+    let s = words_server().await;
+    let mut alice = s.ws("demo", "alice").await;
+    let mut bob = s.ws("demo", "bob").await;
+    let texts = ["hello", "buy spam", "oh darn", "bye"];
+    let frames: Vec<Value> =
+        texts.iter().enumerate().map(|(i, t)| json!({"to":"bob","data":t,"client_id":format!("c{i}")})).collect();
+    send_burst(&mut alice, &frames).await;
+    let mut replies = Vec::new();
+    for _ in 0..texts.len() {
+        let r = alice.recv().await;
+        replies.push(format!("{} {}", r["type"].as_str().unwrap(), r["client_id"].as_str().unwrap()));
+    }
+    assert_eq!(replies, ["ack c0", "error c1", "ack c2", "ack c3"]);
+    for data in ["hello", "oh ****", "bye"] {
+        assert_eq!(bob.recv().await["data"], data);
+    }
+    let m = admin_plugins(&s).await;
+    let words = metrics_of(&m, "words", "demo");
+    assert_eq!((words["calls"].as_u64(), words["denials"].as_u64()), (Some(1), Some(1)), "{words}");
+
+    // A push to several users is one call for all of them, each with its own verdict.
+    let (status, body) =
+        s.push("demo", json!({"app_key":"demo","send_to":["bob","carol","dave"],"message":"darn"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["status"], "delivered", "{body}");
+    assert_eq!(body["results"][1]["status"], "offline", "{body}");
+    assert_eq!(bob.recv().await["data"], "****");
+    let m = admin_plugins(&s).await;
+    assert_eq!(metrics_of(&m, "words", "demo")["calls"], 2);
+}
+
+/// Writes `frames` to the connection in one write, so that the server reads them as one
+/// burst.
+async fn send_burst(client: &mut WsClient, frames: &[Value]) {
+    for frame in frames {
+        client.ws.feed(tokio_tungstenite::tungstenite::Message::Text(frame.to_string().into())).await.unwrap();
+    }
+    client.ws.flush().await.unwrap();
+}
+
+async fn batch_filter_server(mode: &str, failure: FailurePolicy) -> TestServer {
+    let mut p = plugin("batch", "hostile-batch", World::MessageFilter, json!({"mode": mode}));
+    p.failure = Some(failure);
+    TestServer::with(move |c| {
+        c.plugins.push(p);
+        app(c, "demo").filters = vec!["batch".into()];
+        c.admin.token = Some(ADMIN.into());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_batch_holds_a_run_of_sends_and_replies_keep_the_frames_order() {
+    // `count` denies each message with its place in its batch: a ping between the sends
+    // ends one run, and the replies come back in the order the frames were written.
+    let s = batch_filter_server("count", FailurePolicy::FailClosed).await;
+    let mut alice = s.ws("demo", "alice").await;
+    let send = |i: usize| json!({"to":"bob","data":i,"client_id":format!("c{i}")});
+    send_burst(&mut alice, &[send(0), send(1), json!({"type":"ping"}), send(2)]).await;
+    let mut replies = Vec::new();
+    for _ in 0..4 {
+        let r = alice.recv().await;
+        replies.push(format!("{} {} {}", r["type"], r["client_id"], r["message"]));
+    }
+    assert_eq!(
+        replies,
+        [r#""error" "c0" "1 of 2""#, r#""error" "c1" "2 of 2""#, r#""pong" null null"#, r#""error" "c2" "1 of 1""#]
+    );
+}
+
+#[tokio::test]
+async fn a_failed_batch_call_fails_its_burst_and_a_bad_verdict_only_its_message() {
+    let three = |tag: &str| -> Vec<Value> {
+        (0..3).map(|i| json!({"to":"bob","data":format!("{tag}{i}"),"client_id":format!("{tag}{i}")})).collect()
+    };
+    for (mode, failure, delivered) in [
+        // The call traps ("boom" is in the burst): none of the three is delivered.
+        ("trap-on-boom", FailurePolicy::FailClosed, vec![]),
+        // ... or all three, when the filter fails open.
+        ("trap-on-boom", FailurePolicy::FailOpen, vec!["boom0", "boom1", "boom2"]),
+        // A list of verdicts one short: the call is invalid, for every message.
+        ("short", FailurePolicy::FailClosed, vec![]),
+        // One rewrite that is not JSON: only its message fails.
+        ("garbage-first", FailurePolicy::FailClosed, vec!["garbage-first1", "garbage-first2"]),
+    ] {
+        let s = batch_filter_server(mode, failure).await;
+        let mut alice = s.ws("demo", "alice").await;
+        let mut bob = s.ws("demo", "bob").await;
+        let tag = if mode == "trap-on-boom" { "boom" } else { mode };
+        send_burst(&mut alice, &three(tag)).await;
+        for i in 0..3 {
+            let r = alice.recv().await;
+            assert_eq!(r["client_id"], format!("{tag}{i}"), "mode {mode}: {r}");
+            let expected = if delivered.contains(&&*format!("{tag}{i}")) { "ack" } else { "error" };
+            assert_eq!(r["type"], expected, "mode {mode}: {r}");
+            if expected == "error" {
+                assert_eq!(r["code"], "filter_failed", "mode {mode}: {r}");
+            }
+        }
+        for data in &delivered {
+            assert_eq!(bob.recv().await["data"], *data, "mode {mode}");
+        }
+        bob.expect_silence(Duration::from_millis(50)).await;
+        // One call for the burst, whatever became of it; then the plugin serves the next
+        // message (a trapped instance is replaced), as its mode says.
+        let m = admin_plugins(&s).await;
+        assert_eq!(metrics_of(&m, "batch", "demo")["calls"], 1, "mode {mode}: {m}");
+        alice.send_json(&json!({"to":"bob","data":"fine"})).await;
+        let r = alice.recv().await;
+        if matches!(mode, "short" | "garbage-first") {
+            assert_eq!(r["code"], "filter_failed", "mode {mode}: {r}");
+        } else {
+            assert_eq!(r["type"], "ack", "mode {mode}: {r}");
+            assert_eq!(bob.recv().await["data"], "fine");
+        }
+    }
 }
 
 #[tokio::test]
@@ -654,7 +782,13 @@ fn plugin_check_reports_worlds_and_loadability() {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["worlds"], json!(["message-filter"]));
     assert_eq!(report["unloadable"], Value::Null);
-    assert_eq!(report["exports"], json!(["switchboard:policy/filter@0.1.0 (init, filter)"]));
+    assert_eq!(
+        report["exports"],
+        json!([
+            "switchboard:policy/filter@0.1.0 (init, filter)",
+            "switchboard:policy/batch-filter@0.1.0 (init, filter-batch)"
+        ])
+    );
 
     let out = run(&plugin_path("hmac-auth"));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -1,5 +1,5 @@
-//! Host bindings generated from `wit/`, once, for a host-side world that includes all three
-//! plugin worlds. A plugin implements one (or more) of them; its exported interface is
+//! Host bindings generated from `wit/`, once, for a host-side world that includes every
+//! plugin world. A plugin implements one (or more) of them; its exported interface is
 //! looked up per component with the generated `GuestIndices`, so one set of Rust types
 //! serves every world.
 
@@ -14,6 +14,7 @@ wasmtime::component::bindgen!({
         world plugins {
             include switchboard:policy/authenticator@0.1.0;
             include switchboard:policy/message-filter@0.1.0;
+            include switchboard:policy/batch-message-filter@0.1.0;
             include switchboard:policy/router@0.1.0;
         }
     ",
@@ -22,5 +23,5 @@ wasmtime::component::bindgen!({
     ownership: Borrowing { duplicate_if_necessary: true },
 });
 
-pub use self::exports::switchboard::policy::{auth, filter, routing};
+pub use self::exports::switchboard::policy::{auth, batch_filter, filter, routing};
 pub use self::switchboard::policy::{host, types};

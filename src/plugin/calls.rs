@@ -4,7 +4,7 @@
 
 use serde_json::value::RawValue;
 
-use super::bindings::{auth, filter, routing, types};
+use super::bindings::{auth, batch_filter, filter, routing, types};
 use super::pool::{Guest, Pool};
 use super::{Failure, FailureKind};
 use crate::protocol::valid_uid;
@@ -80,6 +80,31 @@ pub enum Verdict {
     Deny(String),
     /// Valid JSON, within the size limit.
     Rewrite(Box<RawValue>),
+}
+
+/// The text a batch's strings are spans of. A string that is the very one the entry before
+/// had in the same field (a push's data and message id, the same recipient again) is not
+/// copied twice.
+struct Spans {
+    text: String,
+    /// Per field: the last string put (address, length) and its span.
+    last: [Option<(usize, usize, batch_filter::Span)>; 3],
+}
+
+impl Spans {
+    fn put(&mut self, field: usize, s: &str) -> batch_filter::Span {
+        let key = (s.as_ptr() as usize, s.len());
+        if let Some((ptr, len, span)) = self.last[field]
+            && (ptr, len) == key
+        {
+            return span;
+        }
+        // Offsets past u32::MAX are refused before the call (the caller checks the length).
+        let span = batch_filter::Span { offset: self.text.len() as u32, len: s.len() as u32 };
+        self.text.push_str(s);
+        self.last[field] = Some((key.0, key.1, span));
+        span
+    }
 }
 
 /// A user to place, as routers see it.
@@ -182,6 +207,83 @@ impl Pool {
             let g = self.expect_world(guest, |g| if let Guest::Filter(f) = g { Some(f) } else { None })?;
             g.call_filter(store, message)
         })?;
+        self.verdict(verdict, max_bytes)
+    }
+
+    /// Filters messages of one sender (one app, one `from`, one connection's metadata), in
+    /// order: one verdict or failure per message. A `batch-filter` plugin is called once for
+    /// all of them, and a failed call fails every message; any other filter is called once
+    /// per message.
+    pub fn filter_many(&self, msgs: &[FilterMessage<'_>], max_bytes: usize) -> Vec<Result<Verdict, Failure>> {
+        let Some(first) = msgs.first().filter(|_| self.plugin.takes_batches()) else {
+            return msgs.iter().map(|m| self.filter(m, max_bytes)).collect();
+        };
+        debug_assert!(
+            msgs.iter().all(|m| m.app_id == first.app_id
+                && m.from == first.from
+                && m.sender_metadata == first.sender_metadata)
+        );
+        match self.filter_batch(first, msgs, max_bytes) {
+            Ok(verdicts) => verdicts.into_iter().map(|v| self.verdict(v, max_bytes)).collect(),
+            Err(failure) => vec![Err(failure); msgs.len()],
+        }
+    }
+
+    /// One `filter-batch` call over `msgs`, whose shared fields are `first`'s.
+    fn filter_batch(
+        &self,
+        first: &FilterMessage<'_>,
+        msgs: &[FilterMessage<'_>],
+        max_bytes: usize,
+    ) -> Result<Vec<filter::Verdict>, Failure> {
+        let len = msgs.iter().map(|m| m.to.len() + m.data.get().len() + m.msg_id.len()).sum();
+        let mut text = Spans { text: String::with_capacity(len), last: Default::default() };
+        let messages: Vec<batch_filter::Entry> = msgs
+            .iter()
+            .map(|m| batch_filter::Entry {
+                to: text.put(0, m.to),
+                event: m.event,
+                data: text.put(1, m.data.get()),
+                msg_id: text.put(2, m.msg_id),
+                send_at: m.send_at,
+            })
+            .collect();
+        if u32::try_from(text.text.len()).is_err() {
+            return Err(invalid(format!("a batch of {} messages is over 4 GiB of text", msgs.len())));
+        }
+        let metadata = pairs(first.sender_metadata);
+        let batch = batch_filter::Batch {
+            app_id: first.app_id,
+            from: first.from,
+            sender_metadata: &metadata,
+            text: &text.text,
+            messages: &messages,
+        };
+        let fuel = max_bytes.saturating_add(FUEL_SLACK).saturating_mul(msgs.len());
+        let verdicts = self.call(fuel, |guest, store| {
+            let g = self.expect_world(guest, |g| if let Guest::BatchFilter(f) = g { Some(f) } else { None })?;
+            g.call_filter_batch(store, batch)
+        })?;
+        if verdicts.len() != msgs.len() {
+            return Err(self.invalid_output(format!(
+                "returned {} verdicts for {} messages",
+                verdicts.len(),
+                msgs.len()
+            )));
+        }
+        Ok(verdicts
+            .into_iter()
+            .map(|v| match v {
+                batch_filter::Verdict::Allow => filter::Verdict::Allow,
+                batch_filter::Verdict::Deny(reason) => filter::Verdict::Deny(reason),
+                batch_filter::Verdict::Rewrite(text) => filter::Verdict::Rewrite(text),
+            })
+            .collect())
+    }
+
+    /// Checks a filter's answer: a reason is cut to length, a rewrite must be JSON within
+    /// `max_bytes`.
+    fn verdict(&self, verdict: filter::Verdict, max_bytes: usize) -> Result<Verdict, Failure> {
         match verdict {
             filter::Verdict::Allow => Ok(Verdict::Allow),
             filter::Verdict::Deny(reason) => {

@@ -9,7 +9,7 @@ use wasmtime::Engine;
 use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, InstancePre};
 
-use super::bindings::{auth, filter, routing};
+use super::bindings::{auth, batch_filter, filter, routing};
 use super::host::HostState;
 use crate::config::World;
 
@@ -51,7 +51,7 @@ pub struct Report {
 fn implements(pre: &InstancePre<HostState>, world: World) -> bool {
     match world {
         World::Authenticator => auth::GuestIndices::new(pre).is_ok(),
-        World::MessageFilter => filter::GuestIndices::new(pre).is_ok(),
+        World::MessageFilter => batch_filter::GuestIndices::new(pre).is_ok() || filter::GuestIndices::new(pre).is_ok(),
         World::Router => routing::GuestIndices::new(pre).is_ok(),
     }
 }

@@ -28,7 +28,7 @@ pub use calls::{AuthOutcome, AuthRequest, FilterMessage, RouteNode, RouteUser, V
 pub use pool::{LatencySnapshot, MetricsSnapshot, Pool};
 
 use crate::config::{AuthMode, Config, FailurePolicy, PluginConfig, World};
-use bindings::{auth, filter, routing};
+use bindings::{auth, batch_filter, filter, routing};
 use host::HostState;
 use pool::Indices;
 
@@ -95,7 +95,7 @@ pub enum PluginError {
     #[error(
         "plugin {name:?}: {path} does not implement the {world} world (it must export {expected}); it exports: {exports}"
     )]
-    WrongWorld { name: String, path: PathBuf, world: &'static str, expected: &'static str, exports: String },
+    WrongWorld { name: String, path: PathBuf, world: &'static str, expected: String, exports: String },
     #[error("plugin {name:?}: {path} needs imports this host does not provide: {message}")]
     Link { name: String, path: PathBuf, message: String },
     #[error(
@@ -122,6 +122,13 @@ pub struct Plugin {
     config_json: String,
     pre: InstancePre<HostState>,
     indices: Indices,
+}
+
+impl Plugin {
+    /// Whether the plugin takes a burst of messages per call (`batch-filter`).
+    pub fn takes_batches(&self) -> bool {
+        matches!(self.indices, Indices::BatchFilter(_))
+    }
 }
 
 impl std::fmt::Debug for Plugin {
@@ -296,28 +303,31 @@ fn load_plugin(
         message: format!("{e:#}"),
     })?;
     let exports = inspect::exports(engine, &component);
-    if !exports.iter().any(|(name, _)| name == p.world.export()) {
+    let Some(export) = p.world.exports().iter().copied().find(|e| exports.iter().any(|(name, _)| name == e)) else {
         let described: Vec<String> = exports.into_iter().map(|(_, d)| d).collect();
         return Err(PluginError::WrongWorld {
             name: p.name.clone(),
             path,
             world: p.world.as_str(),
-            expected: p.world.export(),
+            expected: p.world.exports().join(" or "),
             exports: if described.is_empty() { "nothing".into() } else { described.join(", ") },
         });
-    }
+    };
     let link_err =
         |e: wasmtime::Error| PluginError::Link { name: p.name.clone(), path: path.clone(), message: format!("{e:#}") };
     let pre = linker(engine).map_err(link_err)?.instantiate_pre(&component).map_err(link_err)?;
     let indices = match p.world {
         World::Authenticator => auth::GuestIndices::new(&pre).map(Indices::Auth),
+        World::MessageFilter if export == crate::config::BATCH_FILTER_EXPORT => {
+            batch_filter::GuestIndices::new(&pre).map(Indices::BatchFilter)
+        }
         World::MessageFilter => filter::GuestIndices::new(&pre).map(Indices::Filter),
         World::Router => routing::GuestIndices::new(&pre).map(Indices::Router),
     }
     .map_err(|e| PluginError::Signature {
         name: p.name.clone(),
         path: path.clone(),
-        export: p.world.export(),
+        export,
         message: format!("{e:#}"),
     })?;
     let config_json = serde_json::to_string(&p.config).expect("a TOML table serialises to JSON");

@@ -10,7 +10,7 @@ use serde::Serialize;
 use wasmtime::component::Instance;
 use wasmtime::{Store, Trap};
 
-use super::bindings::{auth, filter, routing};
+use super::bindings::{auth, batch_filter, filter, routing};
 use super::host::HostState;
 use super::{Failure, FailureKind, Plugin};
 
@@ -19,6 +19,7 @@ use super::{Failure, FailureKind, Plugin};
 pub(super) enum Guest {
     Auth(auth::Guest),
     Filter(filter::Guest),
+    BatchFilter(batch_filter::Guest),
     Router(routing::Guest),
 }
 
@@ -27,6 +28,7 @@ pub(super) enum Guest {
 pub(super) enum Indices {
     Auth(auth::GuestIndices),
     Filter(filter::GuestIndices),
+    BatchFilter(batch_filter::GuestIndices),
     Router(routing::GuestIndices),
 }
 
@@ -35,6 +37,7 @@ impl Indices {
         Ok(match self {
             Indices::Auth(i) => Guest::Auth(i.load(store, instance)?),
             Indices::Filter(i) => Guest::Filter(i.load(store, instance)?),
+            Indices::BatchFilter(i) => Guest::BatchFilter(i.load(store, instance)?),
             Indices::Router(i) => Guest::Router(i.load(store, instance)?),
         })
     }
@@ -45,6 +48,7 @@ impl Guest {
         match self {
             Guest::Auth(g) => g.call_init(store, config),
             Guest::Filter(g) => g.call_init(store, config),
+            Guest::BatchFilter(g) => g.call_init(store, config),
             Guest::Router(g) => g.call_init(store, config),
         }
     }

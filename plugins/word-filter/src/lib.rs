@@ -6,15 +6,30 @@
 //! mask = ["darn"]           # replaced by asterisks of the same length: rewrite
 //! ```
 //! Matching is case-insensitive (ASCII) on every string value inside the message's JSON.
+//!
+//! It exports both filter interfaces: `batch-filter`, which a host calls once per burst of
+//! messages, and `filter`, for hosts that predate it. One function decides for both.
 
 use std::cell::RefCell;
 
 use serde::Deserialize;
 use serde_json::Value;
 
-wit_bindgen::generate!({ world: "message-filter", path: "../../wit" });
+wit_bindgen::generate!({
+    inline: "
+        package example:word-filter;
+        world word-filter {
+            include switchboard:policy/message-filter@0.1.0;
+            include switchboard:policy/batch-message-filter@0.1.0;
+        }
+    ",
+    path: "../../wit",
+    world: "example:word-filter/word-filter",
+    generate_all,
+});
 
-use exports::switchboard::policy::filter::{Guest, Message, Verdict};
+use exports::switchboard::policy::batch_filter::{self, Batch, Span};
+use exports::switchboard::policy::filter::{self, Message};
 
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,52 +101,94 @@ fn visit_strings(v: &mut Value, f: &mut impl FnMut(&mut String) -> bool) -> bool
     }
 }
 
-impl Guest for WordFilter {
-    fn init(config: String) -> Result<(), String> {
-        let parsed: Config = serde_json::from_str(&config).map_err(|e| format!("word-filter config: {e}"))?;
-        if parsed.deny.iter().chain(&parsed.mask).any(|w| w.is_empty()) {
-            return Err("word-filter config: words must not be empty".into());
+/// What happens to a message whose body is the JSON text `data`.
+enum Verdict {
+    Allow,
+    Deny(String),
+    Rewrite(String),
+}
+
+fn init(config: String) -> Result<(), String> {
+    let parsed: Config = serde_json::from_str(&config).map_err(|e| format!("word-filter config: {e}"))?;
+    if parsed.deny.iter().chain(&parsed.mask).any(|w| w.is_empty()) {
+        return Err("word-filter config: words must not be empty".into());
+    }
+    let starts = parsed.starts();
+    CONFIG.with(|c| *c.borrow_mut() = Loaded { config: parsed, starts });
+    Ok(())
+}
+
+fn decide(data: &str) -> Verdict {
+    // Fast path: when no listed word appears anywhere in the raw JSON text (and no
+    // \u escape could be hiding one), no string in it can contain one either.
+    if !CONFIG.with(|c| may_match(data.as_bytes(), &c.borrow())) {
+        return Verdict::Allow;
+    }
+    let Ok(mut data) = serde_json::from_str::<Value>(data) else {
+        return Verdict::Deny("message is not JSON".into());
+    };
+    CONFIG.with(|c| {
+        let config = &c.borrow().config;
+        let mut denied = None;
+        visit_strings(&mut data, &mut |s| {
+            if denied.is_none() {
+                denied = config.deny.iter().find(|w| !find_all(s, w).is_empty()).cloned();
+            }
+            false
+        });
+        if let Some(word) = denied {
+            return Verdict::Deny(format!("message contains a blocked word ({word})"));
         }
-        let starts = parsed.starts();
-        CONFIG.with(|c| *c.borrow_mut() = Loaded { config: parsed, starts });
-        Ok(())
+        let changed = visit_strings(&mut data, &mut |s| {
+            let mut changed = false;
+            for word in &config.mask {
+                for at in find_all(s, word) {
+                    // Every match is ASCII-case-equal to an ASCII-or-not word of the
+                    // same byte length, so the range sits on char boundaries.
+                    s.replace_range(at..at + word.len(), &"*".repeat(word.len()));
+                    changed = true;
+                }
+            }
+            changed
+        });
+        if changed {
+            Verdict::Rewrite(data.to_string())
+        } else {
+            Verdict::Allow
+        }
+    })
+}
+
+impl filter::Guest for WordFilter {
+    fn init(config: String) -> Result<(), String> {
+        init(config)
     }
 
-    fn filter(message: Message) -> Verdict {
-        // Fast path: when no listed word appears anywhere in the raw JSON text (and no
-        // \u escape could be hiding one), no string in it can contain one either.
-        if !CONFIG.with(|c| may_match(message.data.as_bytes(), &c.borrow())) {
-            return Verdict::Allow;
+    fn filter(message: Message) -> filter::Verdict {
+        match decide(&message.data) {
+            Verdict::Allow => filter::Verdict::Allow,
+            Verdict::Deny(reason) => filter::Verdict::Deny(reason),
+            Verdict::Rewrite(data) => filter::Verdict::Rewrite(data),
         }
-        let Ok(mut data) = serde_json::from_str::<Value>(&message.data) else {
-            return Verdict::Deny("message is not JSON".into());
-        };
-        CONFIG.with(|c| {
-            let config = &c.borrow().config;
-            let mut denied = None;
-            visit_strings(&mut data, &mut |s| {
-                if denied.is_none() {
-                    denied = config.deny.iter().find(|w| !find_all(s, w).is_empty()).cloned();
-                }
-                false
-            });
-            if let Some(word) = denied {
-                return Verdict::Deny(format!("message contains a blocked word ({word})"));
-            }
-            let changed = visit_strings(&mut data, &mut |s| {
-                let mut changed = false;
-                for word in &config.mask {
-                    for at in find_all(s, word) {
-                        // Every match is ASCII-case-equal to an ASCII-or-not word of the
-                        // same byte length, so the range sits on char boundaries.
-                        s.replace_range(at..at + word.len(), &"*".repeat(word.len()));
-                        changed = true;
-                    }
-                }
-                changed
-            });
-            if changed { Verdict::Rewrite(data.to_string()) } else { Verdict::Allow }
-        })
+    }
+}
+
+impl batch_filter::Guest for WordFilter {
+    fn init(config: String) -> Result<(), String> {
+        init(config)
+    }
+
+    fn filter_batch(batch: Batch) -> Vec<batch_filter::Verdict> {
+        let text = |s: Span| &batch.text[s.offset as usize..][..s.len as usize];
+        batch
+            .messages
+            .iter()
+            .map(|m| match decide(text(m.data)) {
+                Verdict::Allow => batch_filter::Verdict::Allow,
+                Verdict::Deny(reason) => batch_filter::Verdict::Deny(reason),
+                Verdict::Rewrite(data) => batch_filter::Verdict::Rewrite(data),
+            })
+            .collect()
     }
 }
 
