@@ -5,6 +5,10 @@
 //! - `send_direct/filters/1-allow`: the same with one filter that allows every message
 //!   without looking at it (the example `hostile` plugin, mode `allow`): what a filter call
 //!   costs before the filter does anything;
+//! - `send_burst/filters/{0,1,1-allow,3}`: the same messages as a session's run of 12 sends
+//!   read together: stamped, filtered together (one call per word-filter, which takes
+//!   batches; one per message for `hostile`, which does not), then encoded and handed over
+//!   one by one; throughput per message;
 //! - `authenticate/{jwt,plugin,jwt+plugin}`: one connect's authentication with the built-in
 //!   JWT check, the hmac-auth plugin instead, and the plugin after the JWT.
 //!
@@ -17,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::value::RawValue;
+use switchboard::cluster::nats::Target;
 use switchboard::cluster::{Addrs, NodeInfo};
 use switchboard::config::Config;
 use switchboard::hub::{Hub, Sender};
@@ -104,6 +109,50 @@ fn send_direct(c: &mut Criterion) {
     group.finish();
 }
 
+/// Sends in one run of a burst, as a session with filters handles them at most.
+const BURST: usize = 12;
+
+fn send_burst(c: &mut Criterion) {
+    let hub = hub();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let data = RawValue::from_string(r#"{"text":"hello there, how are you doing today?","n":42}"#.into()).unwrap();
+    let max_bytes = hub.config().limits.max_frame_bytes;
+    let mut group = c.benchmark_group("send_burst");
+    group.throughput(Throughput::Elements(BURST as u64));
+    for (filters, app_id) in [("0", "f0"), ("1", "f1"), ("1-allow", "f1a"), ("3", "f3")] {
+        let app = hub.app(app_id).unwrap().clone();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+        let handle = SessionHandle { conn_id: 1, tx, control: Arc::default() };
+        app.registry.register("bob", handle.clone(), 16).unwrap();
+        let from = Sender { uid: "alice", metadata: &[], wants_count: true, conversation: None };
+        let to = Target::User { app: &app.id, uid: "bob" };
+        group.bench_function(format!("filters/{filters}"), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let stamps: Vec<_> = (0..BURST).map(|_| hub.stamp()).collect();
+                        let msgs: Vec<_> =
+                            stamps.iter().map(|(id, at)| Hub::message(&app, from, to, &data, id, *at)).collect();
+                        let answers = hub.filter_burst(&app, &msgs, max_bytes);
+                        drop(msgs);
+                        for ((msg_id, send_at), answer) in stamps.into_iter().zip(answers) {
+                            let rewritten = answer.unwrap();
+                            let sent =
+                                hub.send_filtered(&app, from, to, &data, rewritten.as_deref(), msg_id, send_at).await;
+                            assert_eq!(sent.delivery.local.sessions, 1);
+                            let frame = rx.try_recv().unwrap();
+                            handle.control.dequeued(&frame);
+                        }
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
 fn hmac_token(uid: &str) -> String {
     use hmac::{Mac, SimpleHmac};
     let expiry = switchboard::protocol::now_ms() / 1000 + 3600;
@@ -138,5 +187,5 @@ fn authenticate(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, send_direct, authenticate);
+criterion_group!(benches, send_direct, send_burst, authenticate);
 criterion_main!(benches);
