@@ -238,6 +238,13 @@ async fn a_burst_of_sends_reaches_a_batch_filter_in_one_call() {
     assert_eq!(bob.recv().await["data"], "****");
     let m = admin_plugins(&s).await;
     assert_eq!(metrics_of(&m, "words", "demo")["calls"], 2);
+
+    // A push to many users is cut into calls of 16.
+    let many: Vec<String> = (0..40).map(|i| format!("user{i}")).collect();
+    let (status, body) = s.push("demo", json!({"app_key":"demo","send_to":many,"message":"hi"})).await;
+    assert_eq!((status, body["results"].as_array().map(Vec::len)), (200, Some(40)), "{body}");
+    let m = admin_plugins(&s).await;
+    assert_eq!(metrics_of(&m, "words", "demo")["calls"], 2 + 3);
 }
 
 /// Writes `frames` to the connection in one write, so that the server reads them as one

@@ -22,6 +22,13 @@ const MAX_REASON: usize = 256;
 const AUTH_FUEL: usize = 64 * 1024;
 /// Extra bytes a call may hand back beyond its payload (reasons, error messages).
 const FUEL_SLACK: usize = 16 * 1024;
+/// Messages in one `filter-batch` call at most (a session hands over at most 12 at once;
+/// a push to many users is cut into calls of this many).
+const BATCH_MESSAGES: usize = 16;
+/// The `data` bytes of one `filter-batch` call at most, unless one message alone is
+/// larger: what a filter might rewrite in one call, held in its memory at once, stays
+/// about what one large message costs it.
+const BATCH_DATA_BYTES: usize = 256 * 1024;
 
 fn pairs(list: &[(String, String)]) -> Vec<types::PairParam<'_>> {
     list.iter().map(|(k, v)| types::PairParam { key: k, value: v }).collect()
@@ -83,8 +90,7 @@ pub enum Verdict {
 }
 
 /// The text a batch's strings are spans of. A string that is the very one the entry before
-/// had in the same field (a push's data and message id, the same recipient again) is not
-/// copied twice.
+/// had in the same field (a push's data and message id) is not copied twice.
 struct Spans {
     text: String,
     /// Per field: the last string put (address, length) and its span.
@@ -211,31 +217,44 @@ impl Pool {
     }
 
     /// Filters messages of one sender (one app, one `from`, one connection's metadata), in
-    /// order: one verdict or failure per message. A `batch-filter` plugin is called once for
-    /// all of them, and a failed call fails every message; any other filter is called once
-    /// per message.
+    /// order: one verdict or failure per message. A `batch-filter` plugin is called once per
+    /// [`BATCH_MESSAGES`] of them (fewer when their data passes [`BATCH_DATA_BYTES`]), and a
+    /// failed call fails every message in it; any other filter is called once per message.
     pub fn filter_many(&self, msgs: &[FilterMessage<'_>], max_bytes: usize) -> Vec<Result<Verdict, Failure>> {
-        let Some(first) = msgs.first().filter(|_| self.plugin.takes_batches()) else {
+        if !self.plugin.takes_batches() {
             return msgs.iter().map(|m| self.filter(m, max_bytes)).collect();
-        };
-        debug_assert!(
-            msgs.iter().all(|m| m.app_id == first.app_id
-                && m.from == first.from
-                && m.sender_metadata == first.sender_metadata)
-        );
-        match self.filter_batch(first, msgs, max_bytes) {
-            Ok(verdicts) => verdicts.into_iter().map(|v| self.verdict(v, max_bytes)).collect(),
-            Err(failure) => vec![Err(failure); msgs.len()],
         }
+        debug_assert!(msgs.iter().all(|m| m.app_id == msgs[0].app_id
+            && m.from == msgs[0].from
+            && m.sender_metadata == msgs[0].sender_metadata));
+        let mut answers = Vec::with_capacity(msgs.len());
+        let mut rest = msgs;
+        while !rest.is_empty() {
+            let mut bytes = 0;
+            let n = rest
+                .iter()
+                .take(BATCH_MESSAGES)
+                .take_while(|m| {
+                    bytes += m.data.get().len();
+                    bytes <= BATCH_DATA_BYTES
+                })
+                .count()
+                .max(1);
+            let (batch, after) = rest.split_at(n);
+            match self.filter_batch(batch, max_bytes) {
+                Ok(verdicts) => answers.extend(verdicts.into_iter().map(|v| self.verdict(v, max_bytes))),
+                Err(failure) => answers.extend(std::iter::repeat_n(Err(failure), n)),
+            }
+            rest = after;
+        }
+        answers
     }
 
-    /// One `filter-batch` call over `msgs`, whose shared fields are `first`'s.
-    fn filter_batch(
-        &self,
-        first: &FilterMessage<'_>,
-        msgs: &[FilterMessage<'_>],
-        max_bytes: usize,
-    ) -> Result<Vec<filter::Verdict>, Failure> {
+    /// One `filter-batch` call over `msgs` (not empty), whose shared fields are the first's.
+    /// The call may take the plugin's deadline once per message, up to the longest a
+    /// filter may have.
+    fn filter_batch(&self, msgs: &[FilterMessage<'_>], max_bytes: usize) -> Result<Vec<filter::Verdict>, Failure> {
+        let first = &msgs[0];
         let len = msgs.iter().map(|m| m.to.len() + m.data.get().len() + m.msg_id.len()).sum();
         let mut text = Spans { text: String::with_capacity(len), last: Default::default() };
         let messages: Vec<batch_filter::Entry> = msgs
@@ -260,7 +279,10 @@ impl Pool {
             messages: &messages,
         };
         let fuel = max_bytes.saturating_add(FUEL_SLACK).saturating_mul(msgs.len());
-        let verdicts = self.call(fuel, |guest, store| {
+        let deadline = (self.plugin.deadline * msgs.len() as u32)
+            .min(crate::config::World::MessageFilter.max_deadline())
+            .max(self.plugin.deadline);
+        let verdicts = self.call_within(deadline, fuel, |guest, store| {
             let g = self.expect_world(guest, |g| if let Guest::BatchFilter(f) = g { Some(f) } else { None })?;
             g.call_filter_batch(store, batch)
         })?;

@@ -223,6 +223,17 @@ impl Pool {
         fuel: usize,
         f: impl FnOnce(&Guest, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, Failure> {
+        self.call_within(self.plugin.deadline, fuel, f)
+    }
+
+    /// [`call`](Self::call) with a deadline of its own (a batch's, which covers several
+    /// messages).
+    pub(super) fn call_within<R>(
+        &self,
+        deadline: std::time::Duration,
+        fuel: usize,
+        f: impl FnOnce(&Guest, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, Failure> {
         // Latency is sampled (one call in LATENCY_SAMPLE): reading the clock twice and
         // locking the histogram on every call would cost more than some plugins do.
         let shard = &self.shards[shard_index()];
@@ -240,10 +251,10 @@ impl Pool {
         let warm = match pooled {
             Some(w) => Ok(w),
             // On the hot path a replacement gets the call's own deadline, not the load-time one.
-            None => self.instantiate(self.plugin.deadline),
+            None => self.instantiate(deadline),
         };
         let result = warm.and_then(|mut warm| {
-            warm.store.data_mut().begin_call(self.plugin.deadline);
+            warm.store.data_mut().begin_call(deadline);
             warm.store.set_epoch_deadline(1);
             warm.store.set_hostcall_fuel(fuel);
             match f(&warm.guest, &mut warm.store) {

@@ -11,7 +11,7 @@ mod ids;
 
 pub use code::ErrorCode;
 pub use frame::{
-    ChannelFrame, ClientFrame, ConnectFrame, Envelope, Frame, SendFrame, ServerFrame, decode_client_frame,
+    ChannelFrame, ClientFrame, ConnectFrame, DecodeError, Envelope, Frame, SendFrame, ServerFrame, decode_client_frame,
     encode_message, looks_like_object,
 };
 pub use ids::{MsgId, MsgIdGen, conversation_id, now_ms};

@@ -20,7 +20,9 @@ use tracing::{Instrument, debug, info_span};
 
 use crate::cluster::nats::Target;
 use crate::hub::{App, ConnGuard, Hub, Identity, Outcome, Sender, Sent};
-use crate::protocol::{ClientFrame, ErrorCode, Frame, SendFrame, ServerFrame, conversation_id, decode_client_frame};
+use crate::protocol::{
+    ClientFrame, DecodeError, ErrorCode, Frame, SendFrame, ServerFrame, conversation_id, decode_client_frame,
+};
 use crate::registry::{SessionControl, SessionHandle};
 use crate::transport::{FrameIo, Inbound, Outbound, ReadError, Transport};
 
@@ -408,29 +410,42 @@ impl<T: FrameIo> Session<T> {
     /// one per message). Replies keep the order of the frames.
     async fn on_filtered_burst(&mut self, first: Option<Result<Inbound, ReadError>>) -> Result<(), Exit> {
         use futures_util::FutureExt as _;
-        let mut pending = Some(first);
+        let mut items = Vec::with_capacity(FILTER_RUN);
+        items.push(first);
         let mut read = 1;
-        while let Some(first) = pending.take() {
-            let mut items = Vec::with_capacity(FILTER_RUN);
-            items.push(first);
-            // The end of the stream or a read error ends the burst.
-            while matches!(items.last(), Some(Some(Ok(_)))) && read < MAX_BATCH && self.control.reason().is_none() {
+        loop {
+            // The end of the stream or a read error ends the burst; being kicked (or shut
+            // down) is answered before more queued input.
+            while items.len() < FILTER_RUN
+                && read < MAX_BATCH
+                && matches!(items.last(), Some(Some(Ok(_))))
+                && self.control.reason().is_none()
+            {
                 let Some(item) = self.io.next().now_or_never() else { break };
-                read += 1;
-                if items.len() == FILTER_RUN {
-                    pending = Some(item);
-                    break;
-                }
                 items.push(item);
+                read += 1;
             }
-            self.on_filtered_frames(items).await?;
+            let more = items.len() == FILTER_RUN && read < MAX_BATCH && matches!(items.last(), Some(Some(Ok(_))));
+            self.on_filtered_frames(std::mem::take(&mut items)).await?;
+            if !more || self.control.reason().is_some() {
+                break;
+            }
+            match self.io.next().now_or_never() {
+                Some(item) => {
+                    items = Vec::with_capacity(FILTER_RUN);
+                    items.push(item);
+                    read += 1;
+                }
+                None => break,
+            }
         }
         self.flush().await
     }
 
     /// Handles what [`on_filtered_burst`](Self::on_filtered_burst) read: the frames in
     /// order, each run of `send`s among them through [`send_run`](Self::send_run), and the
-    /// end of the stream or a read error, which can only come last, after them.
+    /// end of the stream or a read error, which can only come last, after them. A session
+    /// kicked meanwhile handles nothing more.
     async fn on_filtered_frames(&mut self, mut items: Vec<Option<Result<Inbound, ReadError>>>) -> Result<(), Exit> {
         let last = if matches!(items.last(), Some(Some(Ok(_)))) { None } else { items.pop() };
         let mut run = Vec::with_capacity(items.len());
@@ -439,9 +454,12 @@ impl<T: FrameIo> Session<T> {
             match decode_client_frame(text) {
                 Ok(ClientFrame::Send(send)) => run.push(send),
                 // Anything else (refusals included) is answered after the sends before it.
-                _ => {
+                frame => {
                     self.send_run(&mut run).await?;
-                    self.on_frame(text).await?;
+                    if self.control.reason().is_some() {
+                        return Ok(());
+                    }
+                    self.on_decoded(frame).await?;
                 }
             }
         }
@@ -476,6 +494,9 @@ impl<T: FrameIo> Session<T> {
         let mut answers = self.hub.filter_burst(&self.app, &msgs, max_bytes).into_iter();
         drop(msgs);
         for (send, stamp) in run.drain(..).zip(stamps) {
+            if self.control.reason().is_some() {
+                break;
+            }
             let client_id = send.client_id.as_deref();
             let Some((msg_id, send_at)) = stamp else {
                 self.rate_limited(client_id).await?;
@@ -521,7 +542,11 @@ impl<T: FrameIo> Session<T> {
     }
 
     async fn on_frame(&mut self, text: &str) -> Result<(), Exit> {
-        let frame = match decode_client_frame(text) {
+        self.on_decoded(decode_client_frame(text)).await
+    }
+
+    async fn on_decoded(&mut self, frame: Result<ClientFrame<'_>, DecodeError>) -> Result<(), Exit> {
+        let frame = match frame {
             Ok(frame) => frame,
             Err(e) => return self.error(e.code, &e.message, e.client_id.as_deref()).await,
         };
