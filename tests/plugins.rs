@@ -245,6 +245,14 @@ async fn a_burst_of_sends_reaches_a_batch_filter_in_one_call() {
     assert_eq!((status, body["results"].as_array().map(Vec::len)), (200, Some(40)), "{body}");
     let m = admin_plugins(&s).await;
     assert_eq!(metrics_of(&m, "words", "demo")["calls"], 2 + 3);
+
+    // ... and into calls of at most 256 KiB of data: two 150 KiB messages are two calls.
+    let big = "a".repeat(150 * 1024);
+    let (status, body) = s.push("demo", json!({"app_key":"demo","send_to":["carol","dave"],"message":big})).await;
+    let statuses: Vec<_> = body["results"].as_array().unwrap().iter().map(|r| r["status"].clone()).collect();
+    assert_eq!((status, statuses), (200, vec![json!("offline"), json!("offline")]));
+    let m = admin_plugins(&s).await;
+    assert_eq!(metrics_of(&m, "words", "demo")["calls"], 2 + 3 + 2);
 }
 
 /// Writes `frames` to the connection in one write, so that the server reads them as one
