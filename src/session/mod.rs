@@ -410,33 +410,26 @@ impl<T: FrameIo> Session<T> {
     /// one per message). Replies keep the order of the frames.
     async fn on_filtered_burst(&mut self, first: Option<Result<Inbound, ReadError>>) -> Result<(), Exit> {
         use futures_util::FutureExt as _;
-        let mut items = Vec::with_capacity(FILTER_RUN);
-        items.push(first);
-        let mut read = 1;
-        loop {
+        let mut next = Some(first);
+        let mut read = 0;
+        while let Some(item) = next.take() {
+            let mut items = Vec::with_capacity(FILTER_RUN);
+            items.push(item);
+            read += 1;
             // The end of the stream or a read error ends the burst; being kicked (or shut
             // down) is answered before more queued input.
-            while items.len() < FILTER_RUN
-                && read < MAX_BATCH
-                && matches!(items.last(), Some(Some(Ok(_))))
-                && self.control.reason().is_none()
-            {
+            let go_on = |items: &[Option<Result<Inbound, ReadError>>], read: usize| {
+                read < MAX_BATCH && matches!(items.last(), Some(Some(Ok(_))))
+            };
+            while items.len() < FILTER_RUN && go_on(&items, read) && self.control.reason().is_none() {
                 let Some(item) = self.io.next().now_or_never() else { break };
                 items.push(item);
                 read += 1;
             }
-            let more = items.len() == FILTER_RUN && read < MAX_BATCH && matches!(items.last(), Some(Some(Ok(_))));
-            self.on_filtered_frames(std::mem::take(&mut items)).await?;
-            if !more || self.control.reason().is_some() {
-                break;
-            }
-            match self.io.next().now_or_never() {
-                Some(item) => {
-                    items = Vec::with_capacity(FILTER_RUN);
-                    items.push(item);
-                    read += 1;
-                }
-                None => break,
+            let more = items.len() == FILTER_RUN && go_on(&items, read);
+            self.on_filtered_frames(items).await?;
+            if more && self.control.reason().is_none() {
+                next = self.io.next().now_or_never();
             }
         }
         self.flush().await
