@@ -665,18 +665,11 @@ impl Hub {
         app.metrics.from_push.inc();
         let (msg_id, send_at) = self.stamp();
         let max_bytes = self.config.limits.max_http_body_bytes;
+        // An app server has no connection metadata, and waits for every node's count.
+        let sender = Sender { uid: from, metadata: &[], wants_count: true, conversation: None };
         let msgs: Vec<FilterMessage<'_>> = recipients
             .iter()
-            .map(|to| FilterMessage {
-                app_id: &app.id,
-                from,
-                to,
-                event: EVENT_DIRECT,
-                data,
-                msg_id: &msg_id,
-                send_at,
-                sender_metadata: &[],
-            })
+            .map(|to| Self::message(app, sender, Target::User { app: &app.id, uid: to }, data, &msg_id, send_at))
             .collect();
         // One filter call for all the recipients where the filter takes batches.
         let answers = self.filter_burst(app, &msgs, max_bytes);
