@@ -303,14 +303,14 @@ pub async fn direct_between(
 
     tokio::time::sleep(opts.warmup).await;
     let cpu0 = cpu_now();
-    let own0 = target::cpu_seconds_of("self");
+    let own0 = target::cpu_seconds_of(nix::unistd::Pid::this());
     measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
     tokio::time::sleep(opts.duration).await;
     measuring.store(false, Ordering::Relaxed);
     let seconds = t0.elapsed().as_secs_f64();
     let cpu = cpu_now().zip(cpu0).map(|(after, before)| after - before);
-    let own = target::cpu_seconds_of("self") - own0;
+    let own = target::cpu_seconds_of(nix::unistd::Pid::this()) - own0;
     let count = delivered.load(Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     for s in &states {
