@@ -54,16 +54,32 @@ fn every_scenario_runs_in_smoke_mode() {
         );
     }
     let labels: Vec<&str> = r["direct"].as_array().unwrap().iter().map(|d| d["label"].as_str().unwrap()).collect();
-    for label in ["max", "half-peak", "max, no ack", "half-peak, no ack", "max, tcp", "half-peak, tcp"] {
+    for label in [
+        "max",
+        "half-peak",
+        "max, no ack",
+        "half-peak, no ack",
+        "max, two-way",
+        "half-peak, two-way",
+        "max, tcp",
+        "half-peak, tcp",
+    ] {
         assert!(labels.contains(&label), "{labels:?}");
     }
     for peer in &expected[1..] {
         let runs = r["direct"].as_array().unwrap().iter().filter(|d| d["system"] == peer.as_str());
         let labels: Vec<&str> = runs.map(|d| d["label"].as_str().unwrap()).collect();
-        assert_eq!(labels, ["max", "half-peak", "max, tcp", "half-peak, tcp"], "{peer}");
+        assert_eq!(
+            labels,
+            ["max", "half-peak", "max, two-way", "half-peak, two-way", "max, tcp", "half-peak, tcp"],
+            "{peer}"
+        );
     }
     for d in r["direct"].as_array().unwrap() {
         assert_eq!(d["refused"].as_u64(), Some(0), "{d}");
+        // Every sender's messages arrived: both clients of a pair when two-way.
+        let senders = if d["label"].as_str().unwrap().contains("two-way") { 8 } else { 4 };
+        assert_eq!(d["senders_delivered"].as_u64(), Some(senders), "{d}");
     }
     // Every system paced at the same rate (one rate in smoke mode), switchboard with and
     // without acks; every message delivered.
@@ -180,6 +196,8 @@ async fn a_running_switchboard_is_driven_with_target() {
             "half-peak, no ack",
             "max, unbatched",
             "half-peak, unbatched",
+            "max, two-way",
+            "half-peak, two-way",
             "max, tcp",
             "half-peak, tcp"
         ]
@@ -196,7 +214,7 @@ async fn a_running_switchboard_is_driven_with_target() {
     assert!(delivered >= received as f64, "{delivered} < {received}");
     // Every row of every table shows the unknown figures as `-`.
     let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("switchboard ")).collect();
-    assert_eq!(rows.len(), 2 + 8 + 2, "{stdout}");
+    assert_eq!(rows.len(), 2 + 10 + 2, "{stdout}");
     for row in rows {
         assert!(row.split_whitespace().any(|cell| cell == "-"), "{row}");
     }
@@ -215,7 +233,16 @@ async fn a_running_switchboard_is_driven_with_target() {
     let labels: Vec<&str> = r["direct"].as_array().unwrap().iter().map(|d| d["label"].as_str().unwrap()).collect();
     assert_eq!(
         labels,
-        ["max", "half-peak", "max, no ack", "half-peak, no ack", "max, unbatched", "half-peak, unbatched"]
+        [
+            "max",
+            "half-peak",
+            "max, no ack",
+            "half-peak, no ack",
+            "max, unbatched",
+            "half-peak, unbatched",
+            "max, two-way",
+            "half-peak, two-way"
+        ]
     );
 
     // A secret in the environment does not get in the way of a run without --target.

@@ -70,6 +70,14 @@ pub fn sent_at(frame: &[u8]) -> Option<u64> {
     std::str::from_utf8(&frame[at..at + digits]).ok()?.parse().ok()
 }
 
+/// What [`Reader::next_delivery`] read.
+pub enum Delivery {
+    /// A message's frame (switchboard's whole `message` frame, a peer's payload).
+    Payload(Bytes),
+    /// switchboard refused one of this client's sends.
+    Refused,
+}
+
 /// Which system a client talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -507,6 +515,23 @@ impl Reader {
                         return Ok(None);
                     }
                 }
+            }
+        }
+    }
+
+    /// The next frame that carries a payload or, from switchboard, says that a send was
+    /// refused (an `error` frame); `None` when the connection closed. Other frames (acks)
+    /// are skipped.
+    pub async fn next_delivery(&mut self) -> anyhow::Result<Option<Delivery>> {
+        if self.system != System::Switchboard {
+            return Ok(self.next_payload().await?.map(Delivery::Payload));
+        }
+        loop {
+            match self.next_frame().await? {
+                None => return Ok(None),
+                Some(frame) if frame.starts_with(br#"{"type":"message""#) => return Ok(Some(Delivery::Payload(frame))),
+                Some(frame) if frame.starts_with(br#"{"type":"error""#) => return Ok(Some(Delivery::Refused)),
+                Some(_) => continue,
             }
         }
     }

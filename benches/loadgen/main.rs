@@ -268,20 +268,27 @@ async fn main() -> anyhow::Result<()> {
             // The peers' publishes are never answered; switchboard runs as it is used by
             // default (every send acknowledged) and again with `"ack": false`, like them.
             // Its clients read batched frames (one message per burst; NATS's byte stream lets
-            // one message carry many); once more they read one message per frame. Then every
-            // system over plain TCP (switchboard acknowledging).
-            let variants: &[(Wire, bool, bool, &str)] = if system == System::Switchboard {
+            // one message carry many); once more they read one message per frame. Every
+            // system once more with both clients of a pair sending to each other (a
+            // conversation: switchboard's acks then share a connection with deliveries).
+            // Then every system over plain TCP (switchboard acknowledging).
+            let variants: &[(Wire, bool, bool, bool, &str)] = if system == System::Switchboard {
                 &[
-                    (Wire::WebSocket, true, true, ""),
-                    (Wire::WebSocket, false, true, ", no ack"),
-                    (Wire::WebSocket, true, false, ", unbatched"),
-                    (Wire::Tcp, true, true, ", tcp"),
+                    (Wire::WebSocket, true, true, false, ""),
+                    (Wire::WebSocket, false, true, false, ", no ack"),
+                    (Wire::WebSocket, true, false, false, ", unbatched"),
+                    (Wire::WebSocket, true, true, true, ", two-way"),
+                    (Wire::Tcp, true, true, false, ", tcp"),
                 ]
             } else {
-                &[(Wire::WebSocket, true, true, ""), (Wire::Tcp, true, true, ", tcp")]
+                &[
+                    (Wire::WebSocket, true, true, false, ""),
+                    (Wire::WebSocket, true, true, true, ", two-way"),
+                    (Wire::Tcp, true, true, false, ", tcp"),
+                ]
             };
-            for &(wire, ack, batch, suffix) in variants.iter().filter(|v| reachable(v.0)) {
-                let opts = DirectOpts { ack, ..opts.clone() };
+            for &(wire, ack, batch, two_way, suffix) in variants.iter().filter(|v| reachable(v.0)) {
+                let opts = DirectOpts { ack, two_way, ..opts.clone() };
                 let server = start(system)?;
                 let endpoint = Endpoint { batch, ..server.endpoint.over(wire) };
                 progress(&format!("direct: {pairs} pairs, max rate, {}{suffix}", system.name()));
@@ -500,7 +507,7 @@ const WIRES: [(Wire, &str); 2] = [(Wire::WebSocket, "idle"), (Wire::Tcp, "idle, 
 /// messages in flight allows, every send acknowledged.
 fn direct_opts(args: &Args, warmup: Duration, duration: Duration) -> DirectOpts {
     let pairs = if args.smoke { 4 } else { args.pairs };
-    DirectOpts { pairs, warmup, duration, payload: args.payload, window: 64, rate: None, ack: true }
+    DirectOpts { pairs, warmup, duration, payload: args.payload, window: 64, rate: None, ack: true, two_way: false }
 }
 
 fn ratios(report: &mut Report) {
@@ -510,6 +517,7 @@ fn ratios(report: &mut Report) {
         ("max", "max", ""),
         ("max, no ack", "max", ", switchboard without acks"),
         ("max, unbatched", "max", ", switchboard's clients reading one message per frame"),
+        ("max, two-way", "max, two-way", ", both clients of a pair sending"),
         ("max, tcp", "max, tcp", ", over TCP"),
     ] {
         let Some(sb) = find_direct("switchboard", label) else { continue };

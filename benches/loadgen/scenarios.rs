@@ -136,6 +136,10 @@ pub struct DirectOpts {
     /// Switchboard: whether every send asks for an `ack` (`false` sends `"ack": false`, the
     /// fire-and-forget the peers' QoS 0 and plain PUB are).
     pub ack: bool,
+    /// Both clients of a pair send to each other (a conversation), instead of one sending
+    /// and the other receiving: a client then reads its acks and its peer's messages from
+    /// one connection. `rate` is still the total of all senders, `window` per sender.
+    pub two_way: bool,
 }
 
 impl DirectOpts {
@@ -156,6 +160,8 @@ pub struct DirectResult {
     pub delivered: u64,
     /// Sends the server refused during the whole run (switchboard error frames).
     pub refused: u64,
+    /// Senders (one per pair, two when two-way) at least one of whose messages arrived.
+    pub senders_delivered: usize,
     pub seconds: f64,
     pub msgs_per_sec: f64,
     pub p50_us: f64,
@@ -181,8 +187,9 @@ impl PairState {
     }
 }
 
-/// `pairs` senders each send to their own receiver for `duration` after `warmup`; reports
-/// delivered messages per second and send-to-receive latency.
+/// `pairs` senders each send to their own receiver for `duration` after `warmup` (both
+/// clients of a pair send to each other when `opts.two_way`); reports delivered messages per
+/// second and send-to-receive latency.
 pub async fn direct(
     server: &Server,
     endpoint: &Endpoint,
@@ -192,8 +199,19 @@ pub async fn direct(
     direct_between(&[server], endpoint, endpoint, label, opts).await
 }
 
+/// One client connection of a `direct` run: what it sends, and to whom, and what it receives.
+struct End {
+    writer: client::Writer,
+    reader: client::Reader,
+    /// The user it sends to and that flow's window; `None` for a client that only receives.
+    sends: Option<(String, Arc<PairState>)>,
+    /// The flow it receives; `None` for a client that only sends.
+    receives: Option<Arc<PairState>>,
+}
+
 /// [`direct`] with receivers connected at `receive_at` and senders at `send_at` (two nodes
-/// of a cluster); CPU is summed over `servers`.
+/// of a cluster); CPU is summed over `servers`. Two-way, the first client of each pair is
+/// connected at `receive_at`, the second at `send_at`.
 pub async fn direct_between(
     servers: &[&Server],
     receive_at: &Endpoint,
@@ -201,7 +219,6 @@ pub async fn direct_between(
     label: &str,
     opts: &DirectOpts,
 ) -> anyhow::Result<DirectResult> {
-    let endpoint = receive_at;
     // None when any of them was not started here.
     let cpu_now = || servers.iter().map(|s| s.cpu_seconds()).sum::<Option<f64>>();
     let measuring = Arc::new(AtomicBool::new(false));
@@ -212,53 +229,72 @@ pub async fn direct_between(
     // messages for the last run's receivers, which must not be counted here.
     static RUNS: AtomicU64 = AtomicU64::new(0);
     let run = RUNS.fetch_add(1, Ordering::Relaxed);
-    let mut receivers = JoinSet::new();
-    let mut states = Vec::with_capacity(opts.pairs);
-    // Receivers first, so every message has somewhere to go.
+    // One flow per sender: its messages in flight, counted off by its receiver.
+    let flows = if opts.two_way { 2 * opts.pairs } else { opts.pairs };
+    let states: Vec<Arc<PairState>> = (0..flows)
+        .map(|_| Arc::new(PairState { received: AtomicU64::new(0), refused: AtomicU64::new(0), notify: Notify::new() }))
+        .collect();
+    // Every client subscribes before any sends, so every message has somewhere to go.
+    let mut ends = Vec::with_capacity(2 * opts.pairs);
     for i in 0..opts.pairs {
-        let (writer, mut reader) = client::connect(endpoint, &format!("r{i}-{run}"), true, source(i))
+        let (first, second) = if opts.two_way { ("a", "b") } else { ("r", "s") };
+        let (a, b) = (format!("{first}{i}-{run}"), format!("{second}{i}-{run}"));
+        let (writer, reader) =
+            client::connect(receive_at, &a, true, source(i)).await.with_context(|| format!("client {a}"))?;
+        let (sends, receives) = match opts.two_way {
+            true => (Some((b.clone(), states[2 * i + 1].clone())), Some(states[2 * i].clone())),
+            false => (None, Some(states[i].clone())),
+        };
+        ends.push(End { writer, reader, sends, receives });
+        let (writer, reader) = client::connect(send_at, &b, opts.two_way, source(opts.pairs + i))
             .await
-            .with_context(|| format!("receiver r{i}-{run}"))?;
-        let state =
-            Arc::new(PairState { received: AtomicU64::new(0), refused: AtomicU64::new(0), notify: Notify::new() });
-        states.push(state.clone());
+            .with_context(|| format!("client {b}"))?;
+        let flow = if opts.two_way { 2 * i } else { i };
+        let receives = opts.two_way.then(|| states[2 * i + 1].clone());
+        ends.push(End { writer, reader, sends: Some((a, states[flow].clone())), receives });
+    }
+    let mut readers = JoinSet::new();
+    let mut senders = JoinSet::new();
+    for End { writer, mut reader, sends, receives } in ends {
+        // Switchboard answers refused sends with error frames: they settle the sender's
+        // flow as a receipt would (and are counted).
+        let refusals = sends.as_ref().map(|(_, state)| state.clone());
         let (measuring, delivered, done) = (measuring.clone(), delivered.clone(), done.clone());
-        receivers.spawn(async move {
-            let _writer = writer;
+        // A client that only receives keeps its connection open from its reader.
+        let (keep, writer) = if sends.is_some() { (None, Some(writer)) } else { (Some(writer), None) };
+        readers.spawn(async move {
+            let _writer = keep;
             let mut h = hist();
-            while let Some(Ok(Some(frame))) = done.run_until_cancelled(reader.next_payload()).await {
-                state.received.fetch_add(1, Ordering::Relaxed);
-                state.notify.notify_one();
-                if measuring.load(Ordering::Relaxed) {
-                    delivered.fetch_add(1, Ordering::Relaxed);
-                    if let Some(t) = sent_at(&frame) {
-                        let _ = h.record(now_ns().saturating_sub(t).max(1));
+            while let Some(Ok(Some(read))) = done.run_until_cancelled(reader.next_delivery()).await {
+                match (read, &receives, &refusals) {
+                    (client::Delivery::Payload(frame), Some(state), _) => {
+                        state.received.fetch_add(1, Ordering::Relaxed);
+                        state.notify.notify_one();
+                        if measuring.load(Ordering::Relaxed) {
+                            delivered.fetch_add(1, Ordering::Relaxed);
+                            if let Some(t) = sent_at(&frame) {
+                                let _ = h.record(now_ns().saturating_sub(t).max(1));
+                            }
+                        }
                     }
+                    (client::Delivery::Refused, _, Some(state)) => {
+                        state.refused.fetch_add(1, Ordering::Relaxed);
+                        state.notify.notify_one();
+                    }
+                    _ => {}
                 }
             }
             h
         });
-    }
-    let mut senders = JoinSet::new();
-    for (i, state) in states.iter().enumerate() {
-        let (mut writer, reader) = client::connect(send_at, &format!("s{i}-{run}"), false, source(opts.pairs + i))
-            .await
-            .with_context(|| format!("sender s{i}-{run}"))?;
+        let (Some((to, state)), Some(mut writer)) = (sends, writer) else { continue };
         writer.set_ack(opts.ack);
-        // Switchboard acknowledges every send: read those away, counting refusals.
-        let counted = state.clone();
-        tokio::spawn(reader.drain_counting_errors(move || {
-            counted.refused.fetch_add(1, Ordering::Relaxed);
-            counted.notify.notify_one();
-        }));
-        let (state, stop, opts) = (state.clone(), stop.clone(), opts.clone());
-        let to = format!("r{i}-{run}");
+        let (stop, opts) = (stop.clone(), opts.clone());
         senders.spawn(async move {
             let mut sent: u64 = 0;
             // Paced: messages whose time has come and that are not sent yet.
             let mut owed: u64 = 0;
             let mut tick = opts.rate.map(|rate| {
-                let period = Duration::from_secs_f64(opts.pairs as f64 / rate);
+                let period = Duration::from_secs_f64(flows as f64 / rate);
                 let mut t = tokio::time::interval(period);
                 t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 t
@@ -321,7 +357,7 @@ pub async fn direct_between(
     }
     done.cancel();
     let mut latency = hist();
-    while let Some(h) = receivers.join_next().await {
+    while let Some(h) = readers.join_next().await {
         latency.add(&h?).expect("same bounds");
     }
     Ok(DirectResult {
@@ -332,6 +368,7 @@ pub async fn direct_between(
         target_rate: opts.rate,
         delivered: count,
         refused: states.iter().map(|s| s.refused.load(Ordering::Relaxed)).sum(),
+        senders_delivered: states.iter().filter(|s| s.received.load(Ordering::Relaxed) > 0).count(),
         seconds,
         msgs_per_sec: count as f64 / seconds,
         p50_us: us(&latency, 0.5),

@@ -401,7 +401,7 @@ impl<T: FrameIo> Session<T> {
                 None => break,
             }
         }
-        self.flush().await
+        self.flush_with_queued(None).await
     }
 
     /// [`on_inbound_burst`](Self::on_inbound_burst) for an app with filters: the burst is
@@ -432,7 +432,7 @@ impl<T: FrameIo> Session<T> {
                 next = self.io.next().now_or_never();
             }
         }
-        self.flush().await
+        self.flush_with_queued(None).await
     }
 
     /// Handles what [`on_filtered_burst`](Self::on_filtered_burst) read: the frames in
@@ -657,11 +657,6 @@ impl<T: FrameIo> Session<T> {
         guarded(&self.control, limit, self.io.feed(Outbound::Frame(frame))).await
     }
 
-    async fn flush(&mut self) -> Result<(), Exit> {
-        let limit = self.hub.config().limits.write_timeout;
-        guarded(&self.control, limit, self.io.flush()).await
-    }
-
     /// Sends one item and flushes, within `limits.write_timeout`.
     async fn send(&mut self, item: Outbound) -> Result<(), Exit> {
         let limit = self.hub.config().limits.write_timeout;
@@ -670,14 +665,25 @@ impl<T: FrameIo> Session<T> {
 
     /// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]) with one flush.
     async fn write_batch(&mut self, first: Frame) -> Result<(), Exit> {
+        self.flush_with_queued(Some(first)).await
+    }
+
+    /// Flushes the replies written so far together with `first` and the frames queued for
+    /// this session (up to [`MAX_BATCH`] in all): a client that both sends and receives gets
+    /// its acks and the messages waiting for it in one write, not one each.
+    async fn flush_with_queued(&mut self, first: Option<Frame>) -> Result<(), Exit> {
         let limit = self.hub.config().limits.write_timeout;
         let control = &*self.control;
         let rx = &mut self.rx;
         let io = &mut self.io;
         let write = async {
-            control.dequeued(&first);
-            io.feed(Outbound::Frame(first)).await?;
-            for _ in 1..MAX_BATCH {
+            let mut fed = 0;
+            if let Some(first) = first {
+                control.dequeued(&first);
+                io.feed(Outbound::Frame(first)).await?;
+                fed = 1;
+            }
+            for _ in fed..MAX_BATCH {
                 match rx.try_recv() {
                     Ok(frame) => {
                         control.dequeued(&frame);
@@ -789,6 +795,8 @@ mod tests {
     struct Gate {
         closed: AtomicBool,
         waker: std::sync::Mutex<Option<std::task::Waker>>,
+        /// Flushes so far: each is a write to the socket.
+        flushes: std::sync::atomic::AtomicUsize,
     }
 
     impl Gate {
@@ -821,6 +829,7 @@ mod tests {
             self.outbound.send(item).map_err(|_| std::io::ErrorKind::BrokenPipe.into())
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.gate.flushes.fetch_add(1, Ordering::SeqCst);
             Poll::Ready(Ok(()))
         }
         fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -930,6 +939,23 @@ mod tests {
             }
         }
         assert!(pongs <= 1, "shutdown is handled before queued input: {pongs} pongs");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ack_and_a_delivery_waiting_for_the_same_client_leave_in_one_write() {
+        let (mut client, _hub) = connect(heartbeat).await;
+        let before = client.gate.flushes.load(Ordering::SeqCst);
+        // alice writes to herself: handling the send queues the message for her session
+        // before her ack is flushed.
+        let send = r#"{"type":"send","to":"alice","data":{"n":1},"client_id":"c1"}"#;
+        client.to_server.send(Ok(Inbound::Frame(Utf8Bytes::from_static(send)))).unwrap();
+        let ack = client.next_json().await;
+        assert_eq!((ack["type"].as_str(), ack["client_id"].as_str()), (Some("ack"), Some("c1")));
+        let message = client.next_json().await;
+        assert_eq!((message["type"].as_str(), message["data"]["n"].as_i64()), (Some("message"), Some(1)));
+        // Let the session go round its loop, then count: one flush for both frames.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(client.gate.flushes.load(Ordering::SeqCst) - before, 1);
     }
 
     fn ping() -> Result<Inbound, ReadError> {
