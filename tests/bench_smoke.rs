@@ -219,9 +219,10 @@ async fn a_running_switchboard_is_driven_with_target() {
         assert!(row.split_whitespace().any(|cell| cell == "-"), "{row}");
     }
 
-    // Without --target-tcp the runs over TCP are left out.
+    // Without --target-tcp the runs over TCP are left out. With --repeat, every maximum
+    // rate is the median of that many rounds (the half-peak runs are single).
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(["--smoke", "--app", "demo", "--secret", DEMO_SECRET, "--target"])
+        .args(["--smoke", "--repeat", "2", "--app", "demo", "--secret", DEMO_SECRET, "--target"])
         .arg(server.addrs.ws.unwrap().to_string())
         .args(["direct", "--json"])
         .arg(&json)
@@ -244,6 +245,11 @@ async fn a_running_switchboard_is_driven_with_target() {
             "half-peak, two-way"
         ]
     );
+    for d in r["direct"].as_array().unwrap() {
+        let rounds = if d["label"].as_str().unwrap().starts_with("max") { 2 } else { 1 };
+        assert_eq!(d["rounds"].as_u64(), Some(rounds), "{d}");
+    }
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the median of 2 rounds"));
 
     // A secret in the environment does not get in the way of a run without --target.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_loadgen"))

@@ -87,9 +87,11 @@ struct Args {
     /// Offered loads of `latency`, msg/s in all, comma-separated (default: 10000,30000,100000,200000).
     #[arg(long, value_delimiter = ',', value_parser = parse_rate)]
     rates: Option<Vec<f64>>,
-    /// Rounds of the `plugins` comparison (the median round is reported).
-    #[arg(long, default_value_t = 3)]
-    repeat: usize,
+    /// Rounds of `direct`'s maximum-rate runs and of the `plugins` comparison, the systems
+    /// (the filter counts) taking turns; the median round is reported (default: 3, 1 with
+    /// --smoke).
+    #[arg(long)]
+    repeat: Option<usize>,
     /// Drive this switchboard instead of starting one: its WebSocket listener, `host:port`
     /// (on another machine, say, so that the clients do not share its cores). Runs
     /// `connections`, `direct` and `latency`, switchboard alone; its CPU time and memory
@@ -264,14 +266,15 @@ async fn main() -> anyhow::Result<()> {
     if run(Scenario::Direct) {
         let opts = direct_opts(&args, warmup, duration);
         let pairs = opts.pairs;
+        // The peers' publishes are never answered; switchboard runs as it is used by default
+        // (every send acknowledged) and again with `"ack": false`, like them. Its clients
+        // read batched frames (one message per burst; NATS's byte stream lets one message
+        // carry many); once more they read one message per frame. Every system once more
+        // with both clients of a pair sending to each other (a conversation: switchboard's
+        // acks then share a connection with deliveries). Then every system over plain TCP
+        // (switchboard acknowledging).
+        let mut runs: Vec<(System, Wire, bool, bool, bool, &str)> = Vec::new();
         for &system in &systems {
-            // The peers' publishes are never answered; switchboard runs as it is used by
-            // default (every send acknowledged) and again with `"ack": false`, like them.
-            // Its clients read batched frames (one message per burst; NATS's byte stream lets
-            // one message carry many); once more they read one message per frame. Every
-            // system once more with both clients of a pair sending to each other (a
-            // conversation: switchboard's acks then share a connection with deliveries).
-            // Then every system over plain TCP (switchboard acknowledging).
             let variants: &[(Wire, bool, bool, bool, &str)] = if system == System::Switchboard {
                 &[
                     (Wire::WebSocket, true, true, false, ""),
@@ -288,25 +291,41 @@ async fn main() -> anyhow::Result<()> {
                 ]
             };
             for &(wire, ack, batch, two_way, suffix) in variants.iter().filter(|v| reachable(v.0)) {
+                runs.push((system, wire, ack, batch, two_way, suffix));
+            }
+        }
+        // The maximum rate of every run, `repeat` rounds in which the systems take turns;
+        // each run reports its median round. The machine's load drifts (by a fifth between
+        // two runs of one binary on a shared machine): interleaving spreads the drift over
+        // all of them, and the median keeps one bad round out of the ratios.
+        let repeat = repeat(&args);
+        let mut peaks: Vec<Vec<DirectResult>> = vec![Vec::new(); runs.len()];
+        for round in 0..repeat {
+            for (n, &(system, wire, ack, batch, two_way, suffix)) in runs.iter().enumerate() {
                 let opts = DirectOpts { ack, two_way, ..opts.clone() };
                 let server = start(system)?;
                 let endpoint = Endpoint { batch, ..server.endpoint.over(wire) };
-                progress(&format!("direct: {pairs} pairs, max rate, {}{suffix}", system.name()));
-                let r = scenarios::direct(&server, &endpoint, &format!("max{suffix}"), &opts).await?;
-                let half = (r.msgs_per_sec / 2.0).max(100.0);
-                report.direct.push(r);
-                drop(server);
-                // Latency at half of that peak, on a fresh server (or the --target again).
-                let server = start(system)?;
                 progress(&format!(
-                    "direct: {pairs} pairs at {half:.0} msg/s (half of peak), {}{suffix}",
-                    system.name()
+                    "direct: {pairs} pairs, max rate, {}{suffix}, round {}/{repeat}",
+                    system.name(),
+                    round + 1
                 ));
-                let paced = opts.paced(half);
-                let label = format!("half-peak{suffix}");
-                let endpoint = Endpoint { batch, ..server.endpoint.over(wire) };
-                report.direct.push(scenarios::direct(&server, &endpoint, &label, &paced).await?);
+                peaks[n].push(scenarios::direct(&server, &endpoint, &format!("max{suffix}"), &opts).await?);
             }
+        }
+        for (&(system, wire, ack, batch, two_way, suffix), mut rounds) in runs.iter().zip(peaks) {
+            rounds.sort_by(|a, b| a.msgs_per_sec.total_cmp(&b.msgs_per_sec));
+            let mut peak = rounds.swap_remove(rounds.len() / 2);
+            peak.rounds = repeat;
+            let half = (peak.msgs_per_sec / 2.0).max(100.0);
+            report.direct.push(peak);
+            // Latency at half of that peak, on a fresh server (or the --target again).
+            let server = start(system)?;
+            progress(&format!("direct: {pairs} pairs at {half:.0} msg/s (half of peak), {}{suffix}", system.name()));
+            let paced = DirectOpts { ack, two_way, ..opts.clone() }.paced(half);
+            let label = format!("half-peak{suffix}");
+            let endpoint = Endpoint { batch, ..server.endpoint.over(wire) };
+            report.direct.push(scenarios::direct(&server, &endpoint, &label, &paced).await?);
         }
     }
 
@@ -422,7 +441,7 @@ async fn plugins(args: &Args, warmup: Duration, duration: Duration, report: &mut
     // machine's load drifts, and interleaving spreads the drift over all of them.
     let variants = [(0, target::APP), (1, "f1"), (3, "f3")];
     let mut rounds: Vec<Vec<DirectResult>> = vec![Vec::new(); variants.len()];
-    let repeat = if args.smoke { 1 } else { args.repeat.max(1) };
+    let repeat = repeat(args);
     for round in 0..repeat {
         for (v, (filters, app)) in variants.iter().enumerate() {
             // A fresh server per run, so one run's leftovers never weigh on the next.
@@ -505,6 +524,11 @@ const WIRES: [(Wire, &str); 2] = [(Wire::WebSocket, "idle"), (Wire::Tcp, "idle, 
 
 /// The `direct` settings every scenario built on it starts from: as fast as a window of 64
 /// messages in flight allows, every send acknowledged.
+/// Rounds of the runs that are repeated (`--repeat`).
+fn repeat(args: &Args) -> usize {
+    args.repeat.unwrap_or(if args.smoke { 1 } else { 3 }).max(1)
+}
+
 fn direct_opts(args: &Args, warmup: Duration, duration: Duration) -> DirectOpts {
     let pairs = if args.smoke { 4 } else { args.pairs };
     DirectOpts { pairs, warmup, duration, payload: args.payload, window: 64, rate: None, ack: true, two_way: false }
@@ -591,6 +615,7 @@ fn ratios(report: &mut Report) {
 }
 
 fn print_direct<'a>(title: &str, rows: impl Iterator<Item = &'a DirectResult>) {
+    let rows: Vec<&DirectResult> = rows.collect();
     println!("\n{title}");
     println!(
         "{:<12} {:<24} {:>6} {:>11} {:>10} {:>9} {:>9} {:>9} {:>12} {:>12} {:>8}",
@@ -606,7 +631,7 @@ fn print_direct<'a>(title: &str, rows: impl Iterator<Item = &'a DirectResult>) {
         "client ms/1k",
         "refused"
     );
-    for d in rows {
+    for d in &rows {
         let target = d.target_rate.map_or("max".to_string(), |t| format!("{t:.0}"));
         println!(
             "{:<12} {:<24} {:>6} {:>11} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>12} {:>12.2} {:>8}",
@@ -622,6 +647,9 @@ fn print_direct<'a>(title: &str, rows: impl Iterator<Item = &'a DirectResult>) {
             d.client_cpu_ms_per_1k,
             d.refused
         );
+    }
+    if let Some(median) = rows.iter().find(|d| d.rounds > 1) {
+        println!("(max rows: the median of {} rounds, the systems taking turns)", median.rounds);
     }
 }
 

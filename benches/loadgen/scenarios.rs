@@ -162,6 +162,8 @@ pub struct DirectResult {
     pub refused: u64,
     /// Senders (one per pair, two when two-way) at least one of whose messages arrived.
     pub senders_delivered: usize,
+    /// Rounds this run was the median of (1: a single run).
+    pub rounds: usize,
     pub seconds: f64,
     pub msgs_per_sec: f64,
     pub p50_us: f64,
@@ -369,6 +371,7 @@ pub async fn direct_between(
         delivered: count,
         refused: states.iter().map(|s| s.refused.load(Ordering::Relaxed)).sum(),
         senders_delivered: states.iter().filter(|s| s.received.load(Ordering::Relaxed) > 0).count(),
+        rounds: 1,
         seconds,
         msgs_per_sec: count as f64 / seconds,
         p50_us: us(&latency, 0.5),
