@@ -153,9 +153,14 @@ fn latency_runs_at_the_rates_asked_for() {
 /// time, its memory) is reported as unknown, not as zero.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_switchboard_is_driven_with_target() {
+    // Limits a driven node needs (docs/performance.md): sends above what one client sends,
+    // and a queue above the paced runs' window, or a receiver the busy machine stalls for a
+    // moment is closed as a slow consumer, as it should be.
     let server = TestServer::with(|c| {
         c.limits.messages_per_second = 1_000_000;
         c.limits.message_burst = 1_000_000;
+        c.limits.outbound_queue = 65_536;
+        c.limits.outbound_queue_bytes = 256 << 20;
     })
     .await;
     let dir = tempfile::tempdir().unwrap();

@@ -520,8 +520,8 @@ impl Reader {
     }
 
     /// The next frame that carries a payload or, from switchboard, says that a send was
-    /// refused (an `error` frame); `None` when the connection closed. Other frames (acks)
-    /// are skipped.
+    /// refused (an `error` frame); `None` when the connection closed, an error when the server
+    /// closed it with a fatal error frame. Other frames (acks) are skipped.
     pub async fn next_delivery(&mut self) -> anyhow::Result<Option<Delivery>> {
         if self.system != System::Switchboard {
             return Ok(self.next_payload().await?.map(Delivery::Payload));
@@ -530,7 +530,14 @@ impl Reader {
             match self.next_frame().await? {
                 None => return Ok(None),
                 Some(frame) if frame.starts_with(br#"{"type":"message""#) => return Ok(Some(Delivery::Payload(frame))),
-                Some(frame) if frame.starts_with(br#"{"type":"error""#) => return Ok(Some(Delivery::Refused)),
+                // A fatal error closes the connection: the run cannot go on, and the server's
+                // reason is the one worth reporting.
+                Some(frame) if frame.starts_with(br#"{"type":"error""#) => {
+                    match memchr::memmem::find(&frame, br#""fatal":true"#) {
+                        Some(_) => bail!("the server closed the connection: {}", String::from_utf8_lossy(&frame)),
+                        None => return Ok(Some(Delivery::Refused)),
+                    }
+                }
                 Some(_) => continue,
             }
         }

@@ -203,6 +203,8 @@ pub async fn direct(
 
 /// One client connection of a `direct` run: what it sends, and to whom, and what it receives.
 struct End {
+    /// The user it is connected as.
+    user: String,
     writer: client::Writer,
     reader: client::Reader,
     /// The user it sends to and that flow's window; `None` for a client that only receives.
@@ -247,27 +249,34 @@ pub async fn direct_between(
             true => (Some((b.clone(), states[2 * i + 1].clone())), Some(states[2 * i].clone())),
             false => (None, Some(states[i].clone())),
         };
-        ends.push(End { writer, reader, sends, receives });
+        ends.push(End { user: a.clone(), writer, reader, sends, receives });
         let (writer, reader) = client::connect(send_at, &b, opts.two_way, source(opts.pairs + i))
             .await
             .with_context(|| format!("client {b}"))?;
         let flow = if opts.two_way { 2 * i } else { i };
         let receives = opts.two_way.then(|| states[2 * i + 1].clone());
-        ends.push(End { writer, reader, sends: Some((a, states[flow].clone())), receives });
+        ends.push(End { user: b, writer, reader, sends: Some((a, states[flow].clone())), receives });
     }
     let mut readers = JoinSet::new();
     let mut senders = JoinSet::new();
-    for End { writer, mut reader, sends, receives } in ends {
+    for End { user, writer, mut reader, sends, receives } in ends {
         // Switchboard answers refused sends with error frames: they settle the sender's
         // flow as a receipt would (and are counted).
         let refusals = sends.as_ref().map(|(_, state)| state.clone());
         let (measuring, delivered, done) = (measuring.clone(), delivered.clone(), done.clone());
+        let reading_stop = stop.clone();
         // A client that only receives keeps its connection open from its reader.
         let (keep, writer) = if sends.is_some() { (None, Some(writer)) } else { (Some(writer), None) };
         readers.spawn(async move {
             let _writer = keep;
             let mut h = hist();
-            while let Some(Ok(Some(read))) = done.run_until_cancelled(reader.next_delivery()).await {
+            while let Some(read) = done.run_until_cancelled(reader.next_delivery()).await {
+                // Once the senders stop, connections close and how they end is not the run's.
+                let read = match read {
+                    Ok(Some(read)) => read,
+                    Err(e) if !reading_stop.load(Ordering::Relaxed) => return Err(e.context(format!("client {user}"))),
+                    Ok(None) | Err(_) => break,
+                };
                 match (read, &receives, &refusals) {
                     (client::Delivery::Payload(frame), Some(state), _) => {
                         state.received.fetch_add(1, Ordering::Relaxed);
@@ -286,7 +295,7 @@ pub async fn direct_between(
                     _ => {}
                 }
             }
-            h
+            anyhow::Ok(h)
         });
         let (Some((to, state)), Some(mut writer)) = (sends, writer) else { continue };
         writer.set_ack(opts.ack);
@@ -354,13 +363,21 @@ pub async fn direct_between(
     for s in &states {
         s.notify.notify_one();
     }
+    // A sender that failed (its connection closed under it) is reported after the readers:
+    // a reader that saw the server's fatal error frame says why.
+    let mut failed = None;
     while let Some(r) = senders.join_next().await {
-        r??;
+        if let Err(e) = r? {
+            failed.get_or_insert(e);
+        }
     }
     done.cancel();
     let mut latency = hist();
     while let Some(h) = readers.join_next().await {
-        latency.add(&h?).expect("same bounds");
+        latency.add(&h??).expect("same bounds");
+    }
+    if let Some(e) = failed {
+        return Err(e);
     }
     Ok(DirectResult {
         system: servers[0].system.name(),

@@ -651,7 +651,7 @@ impl<T: FrameIo> Session<T> {
         self.write(ServerFrame::Error { code, message, reason: None, client_id, fatal: false }.encode()).await
     }
 
-    /// Queues a reply; [`flush`](Self::flush) puts it on the wire.
+    /// Queues a reply; [`flush_with_queued`](Self::flush_with_queued) puts it on the wire.
     async fn write(&mut self, frame: Frame) -> Result<(), Exit> {
         let limit = self.hub.config().limits.write_timeout;
         guarded(&self.control, limit, self.io.feed(Outbound::Frame(frame))).await
