@@ -7,13 +7,14 @@
 //! client port and MQTT's plain listener (their protocols as byte streams).
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use memchr::memmem;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
@@ -55,19 +56,36 @@ pub fn payload_seq(size: usize, seq: u64) -> Vec<u8> {
 
 /// The sequence number inside a frame carrying a [`payload_seq`].
 pub fn seq_of(frame: &[u8]) -> Option<u64> {
-    const KEY: &[u8] = b",\"s\":";
-    let at = frame.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    static KEY: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b",\"s\":"));
+    number_after(frame, &KEY)
+}
+
+/// The send timestamp inside whatever frame carried a payload: found, not parsed, so that
+/// reading it costs the same for every system. The search is memchr's: a byte-at-a-time
+/// one cost switchboard's clients, whose frames put the sender and message id before the
+/// payload, three times what it cost the peers' (4.7 % of the load generator's samples
+/// against 1.6 % at the peak of `direct`).
+pub fn sent_at(frame: &[u8]) -> Option<u64> {
+    static KEY: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"{\"t\":"));
+    number_after(frame, &KEY)
+}
+
+/// The decimal number that follows the first `key` in `frame`.
+fn number_after(frame: &[u8], key: &memmem::Finder<'_>) -> Option<u64> {
+    let at = key.find(frame)? + key.needle().len();
     let digits = frame[at..].iter().take_while(|b| b.is_ascii_digit()).count();
     std::str::from_utf8(&frame[at..at + digits]).ok()?.parse().ok()
 }
 
-/// The send timestamp inside whatever frame carried a payload: found, not parsed, so that
-/// reading it costs the same for every system.
-pub fn sent_at(frame: &[u8]) -> Option<u64> {
-    const KEY: &[u8] = b"{\"t\":";
-    let at = frame.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
-    let digits = frame[at..].iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&frame[at..at + digits]).ok()?.parse().ok()
+/// NATS's `PUB <subject> <size>\r\n`, written without `format!` (whose machinery cost the
+/// peer's clients about 6 % of the load generator's samples at the peak of `direct`).
+fn nats_pub_line(frame: &mut BytesMut, prefix: &str, name: &str, size: usize) {
+    frame.put_slice(b"PUB ");
+    frame.put_slice(prefix.as_bytes());
+    frame.put_slice(name.as_bytes());
+    frame.put_u8(b' ');
+    frame.put_slice(itoa::Buffer::new().format(size).as_bytes());
+    frame.put_slice(b"\r\n");
 }
 
 /// What [`Reader::next_delivery`] read.
@@ -385,7 +403,7 @@ impl Writer {
             }
             System::Nats => {
                 let mut frame = BytesMut::with_capacity(payload.len() + 32);
-                frame.put_slice(format!("PUB c.{channel} {}\r\n", payload.len()).as_bytes());
+                nats_pub_line(&mut frame, "c.", channel, payload.len());
                 frame.put_slice(payload);
                 frame.put_slice(b"\r\n");
                 Message::Binary(frame.freeze())
@@ -413,7 +431,7 @@ impl Writer {
             }
             System::Nats => {
                 let mut frame = BytesMut::with_capacity(payload.len() + 32);
-                frame.put_slice(format!("PUB u.{to} {}\r\n", payload.len()).as_bytes());
+                nats_pub_line(&mut frame, "u.", to, payload.len());
                 frame.put_slice(payload);
                 frame.put_slice(b"\r\n");
                 Message::Binary(frame.freeze())
@@ -713,6 +731,13 @@ mod tests {
         assert_eq!(source_for(at("10.0.0.5:80"), spread), None);
         assert_eq!(source_for(at("[::1]:80"), spread), None);
         assert_eq!(source_for(at("127.0.0.1:80"), None), None);
+    }
+
+    #[test]
+    fn a_nats_pub_line_names_the_subject_and_the_size() {
+        let mut frame = BytesMut::new();
+        nats_pub_line(&mut frame, "u.", "r3-12", 1_048_576);
+        assert_eq!(&frame[..], b"PUB u.r3-12 1048576\r\n");
     }
 
     #[test]
