@@ -312,7 +312,7 @@ pub async fn connect(
             if !hello.starts_with(br#"{"type":"connected""#) {
                 bail!("switchboard refused {id}: {}", String::from_utf8_lossy(&hello));
             }
-            if endpoint.batch != hello.windows(12).any(|w| w == br#""batch":true"#) {
+            if endpoint.batch != memmem::find(&hello, br#""batch":true"#).is_some() {
                 bail!(
                     "switchboard did not answer batch={} in connected: {}",
                     endpoint.batch,
@@ -551,7 +551,7 @@ impl Reader {
                 // A fatal error closes the connection: the run cannot go on, and the server's
                 // reason is the one worth reporting.
                 Some(frame) if frame.starts_with(br#"{"type":"error""#) => {
-                    match memchr::memmem::find(&frame, br#""fatal":true"#) {
+                    match memmem::find(&frame, br#""fatal":true"#) {
                         Some(_) => bail!("the server closed the connection: {}", String::from_utf8_lossy(&frame)),
                         None => return Ok(Some(Delivery::Refused)),
                     }
@@ -581,7 +581,7 @@ impl Reader {
 
     async fn nats_until_pong(&mut self) -> anyhow::Result<()> {
         loop {
-            while let Some(eol) = self.buf.windows(2).position(|w| w == b"\r\n") {
+            while let Some(eol) = line_end(&self.buf) {
                 let line = self.buf.split_to(eol + 2);
                 if line.starts_with(b"PONG") {
                     return Ok(());
@@ -615,10 +615,15 @@ impl Reader {
     }
 }
 
+/// Where the first NATS protocol line in `buf` ends (its `\r\n`).
+fn line_end(buf: &[u8]) -> Option<usize> {
+    memmem::find(buf, b"\r\n")
+}
+
 /// NATS: one complete `MSG` from `buf`; `INFO`, `+OK`, `PING`, `PONG` are skipped.
 fn nats_take_msg(buf: &mut BytesMut) -> anyhow::Result<Option<Bytes>> {
     loop {
-        let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
+        let Some(eol) = line_end(buf) else { return Ok(None) };
         if buf.starts_with(b"MSG ") {
             let line = std::str::from_utf8(&buf[..eol])?;
             let len: usize = line.rsplit(' ').next().unwrap_or("").parse().context("MSG length")?;
