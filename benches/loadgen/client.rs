@@ -89,6 +89,7 @@ fn nats_pub_line(frame: &mut BytesMut, prefix: &str, name: &str, size: usize) {
 }
 
 /// What [`Reader::next_delivery`] read.
+#[derive(Debug)]
 pub enum Delivery {
     /// A message's frame (switchboard's whole `message` frame, a peer's payload).
     Payload(Bytes),
@@ -450,6 +451,16 @@ impl Writer {
     }
 }
 
+/// A switchboard frame that is a fatal `error` (the server closes the connection after it)
+/// as an error naming the server's reason: the run cannot go on, and that reason is the one
+/// worth reporting, not what the client's next write or read then fails with.
+fn check_not_fatal(frame: &[u8]) -> anyhow::Result<()> {
+    if frame.starts_with(br#"{"type":"error""#) && memmem::find(frame, br#""fatal":true"#).is_some() {
+        bail!("the server closed the connection: {}", String::from_utf8_lossy(frame));
+    }
+    Ok(())
+}
+
 impl Reader {
     fn new(system: System, stream: In) -> Self {
         Self { system, stream, buf: BytesMut::new(), lines: Bytes::new() }
@@ -505,14 +516,15 @@ impl Reader {
     }
 
     /// The next frame that carries a payload (switchboard `message`, NATS `MSG`, MQTT
-    /// `PUBLISH`), or `None` when the connection closed. Other frames are skipped.
+    /// `PUBLISH`), `None` when the connection closed, or an error when switchboard closed it
+    /// with a fatal error frame. Other frames are skipped.
     pub async fn next_payload(&mut self) -> anyhow::Result<Option<Bytes>> {
         loop {
             match self.system {
                 System::Switchboard => match self.next_frame().await? {
                     None => return Ok(None),
                     Some(frame) if frame.starts_with(br#"{"type":"message""#) => return Ok(Some(frame)),
-                    Some(_) => continue,
+                    Some(frame) => check_not_fatal(&frame)?,
                 },
                 System::Nats => {
                     if let Some(msg) = self.nats_take_msg()? {
@@ -548,13 +560,9 @@ impl Reader {
             match self.next_frame().await? {
                 None => return Ok(None),
                 Some(frame) if frame.starts_with(br#"{"type":"message""#) => return Ok(Some(Delivery::Payload(frame))),
-                // A fatal error closes the connection: the run cannot go on, and the server's
-                // reason is the one worth reporting.
                 Some(frame) if frame.starts_with(br#"{"type":"error""#) => {
-                    match memmem::find(&frame, br#""fatal":true"#) {
-                        Some(_) => bail!("the server closed the connection: {}", String::from_utf8_lossy(&frame)),
-                        None => return Ok(Some(Delivery::Refused)),
-                    }
+                    check_not_fatal(&frame)?;
+                    return Ok(Some(Delivery::Refused));
                 }
                 Some(_) => continue,
             }
@@ -562,13 +570,16 @@ impl Reader {
     }
 
     /// Reads frames until the connection closes, counting switchboard `error` frames (a
-    /// message that was refused, e.g. by a filter, and will never arrive).
-    pub async fn drain_counting_errors(mut self, errors: impl Fn()) {
-        while let Ok(Some(frame)) = self.next_frame().await {
+    /// message that was refused, e.g. by a filter, and will never arrive); an error when the
+    /// server closed the connection with a fatal one.
+    pub async fn drain_counting_errors(mut self, errors: impl Fn()) -> anyhow::Result<()> {
+        while let Some(frame) = self.next_frame().await? {
             if self.system == System::Switchboard && frame.starts_with(br#"{"type":"error""#) {
+                check_not_fatal(&frame)?;
                 errors();
             }
         }
+        Ok(())
     }
 
     fn nats_take_msg(&mut self) -> anyhow::Result<Option<Bytes>> {
@@ -724,6 +735,8 @@ fn mqtt_publish(topic: &str, payload: &[u8]) -> Bytes {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
     use super::*;
 
     #[test]
@@ -743,6 +756,51 @@ mod tests {
         let mut frame = BytesMut::new();
         nats_pub_line(&mut frame, "u.", "r3-12", 1_048_576);
         assert_eq!(&frame[..], b"PUB u.r3-12 1048576\r\n");
+    }
+
+    /// A reader of switchboard frames over TCP (length-delimited), fed `frames` and then
+    /// closed by the server side.
+    async fn reader_of(frames: &[&str]) -> Reader {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut out = FramedWrite::new(server, LengthDelimitedCodec::new());
+        for frame in frames {
+            out.send(Bytes::copy_from_slice(frame.as_bytes())).await.unwrap();
+        }
+        drop(out);
+        let (read, _write) = client.into_split();
+        Reader::new(System::Switchboard, In::Tcp(FramedRead::new(read, LengthDelimitedCodec::new())))
+    }
+
+    const MESSAGE: &str = r#"{"type":"message","from":"s","to":"r","event":1,"data":{}}"#;
+    const REFUSED: &str = r#"{"type":"error","code":"rate_limited","message":"over","fatal":false}"#;
+    const KICKED: &str = r#"{"type":"error","code":"slow_consumer","message":"behind","fatal":true}"#;
+
+    #[tokio::test]
+    async fn a_fatal_error_frame_ends_every_reader_with_the_servers_reason() {
+        let mut r = reader_of(&[r#"{"type":"ack","msg_id":"1"}"#, REFUSED, MESSAGE, KICKED, MESSAGE]).await;
+        assert_eq!(r.next_payload().await.unwrap().as_deref(), Some(MESSAGE.as_bytes()));
+        let e = r.next_payload().await.unwrap_err().to_string();
+        assert!(e.contains("slow_consumer"), "{e}");
+
+        let mut r = reader_of(&[REFUSED, MESSAGE, KICKED]).await;
+        assert!(matches!(r.next_delivery().await, Ok(Some(Delivery::Refused))));
+        assert!(matches!(r.next_delivery().await, Ok(Some(Delivery::Payload(_)))));
+        let e = r.next_delivery().await.unwrap_err().to_string();
+        assert!(e.contains("slow_consumer"), "{e}");
+
+        let refusals = AtomicU64::new(0);
+        let count = || {
+            refusals.fetch_add(1, Ordering::Relaxed);
+        };
+        let e = reader_of(&[REFUSED, REFUSED, KICKED]).await.drain_counting_errors(count).await.unwrap_err();
+        assert!(e.to_string().contains("slow_consumer"), "{e}");
+        assert_eq!(refusals.load(Ordering::Relaxed), 2);
+        // A connection that just closes ends them without an error.
+        assert!(reader_of(&[MESSAGE]).await.drain_counting_errors(|| {}).await.is_ok());
+        let mut r = reader_of(&[]).await;
+        assert!(r.next_payload().await.unwrap().is_none());
     }
 
     #[test]

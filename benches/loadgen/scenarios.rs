@@ -430,19 +430,21 @@ pub async fn push(
     let done = CancellationToken::new();
     let mut readers = JoinSet::new();
     for i in 0..receivers {
-        let (writer, mut reader) = client::connect(endpoint, &format!("p{i}"), true, source(i)).await?;
+        let user = format!("p{i}");
+        let (writer, mut reader) = client::connect(endpoint, &user, true, source(i)).await?;
         let (measuring, done) = (measuring.clone(), done.clone());
         readers.spawn(async move {
             let _writer = writer;
             let mut h = hist();
-            while let Some(Ok(Some(frame))) = done.run_until_cancelled(reader.next_payload()).await {
+            while let Some(frame) = done.run_until_cancelled(reader.next_payload()).await {
+                let Some(frame) = frame.with_context(|| format!("client {user}"))? else { break };
                 if measuring.load(Ordering::Relaxed)
                     && let Some(t) = sent_at(&frame)
                 {
                     let _ = h.record(now_ns().saturating_sub(t).max(1));
                 }
             }
-            h
+            anyhow::Ok(h)
         });
     }
     let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
@@ -505,7 +507,7 @@ pub async fn push(
     done.cancel();
     let mut latency = hist();
     while let Some(h) = readers.join_next().await {
-        latency.add(&h?).expect("same bounds");
+        latency.add(&h??).expect("same bounds");
     }
     let pushes = ok.load(Ordering::Relaxed);
     Ok(PushResult {
@@ -567,16 +569,19 @@ pub async fn fanout(
         let (endpoint, gate) = (endpoint.clone(), gate.clone());
         connects.spawn(async move {
             let _permit = gate.acquire_owned().await;
-            client::connect_channel(&endpoint, &format!("f{i}"), channel, source(i)).await
+            let user = format!("f{i}");
+            let conn = client::connect_channel(&endpoint, &user, channel, source(i)).await;
+            conn.map(|conn| (user, conn))
         });
     }
     while let Some(conn) = connects.join_next().await {
-        let (writer, mut reader) = conn??;
+        let (user, (writer, mut reader)) = conn??;
         let (got, last, complete, progress, deliveries, done) =
             (got.clone(), last.clone(), complete.clone(), progress.clone(), deliveries.clone(), done.clone());
         readers.spawn(async move {
             let _writer = writer;
-            while let Some(Ok(Some(frame))) = done.run_until_cancelled(reader.next_payload()).await {
+            while let Some(frame) = done.run_until_cancelled(reader.next_payload()).await {
+                let Some(frame) = frame.with_context(|| format!("subscriber {user}"))? else { break };
                 let (Some(seq), Some(t)) = (client::seq_of(&frame), sent_at(&frame)) else { continue };
                 let Some(n) = got.get(seq as usize) else { continue };
                 deliveries.fetch_add(1, Ordering::Relaxed);
@@ -586,10 +591,11 @@ pub async fn fanout(
                     progress.notify_one();
                 }
             }
+            anyhow::Ok(())
         });
     }
     let (mut publisher, reader) = client::connect(endpoint, "publisher", false, source(subscribers)).await?;
-    tokio::spawn(reader.drain_counting_errors(|| {}));
+    let publisher_reader = tokio::spawn(reader.drain_counting_errors(|| {}));
     let started = Instant::now();
     let mut sent: u64 = 0;
     while sent < max_messages && started.elapsed() < duration {
@@ -600,8 +606,17 @@ pub async fn fanout(
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
         }
-        publisher.feed_channel(channel, &client::payload_seq(size, sent)).await?;
-        publisher.flush().await?;
+        let published = async {
+            publisher.feed_channel(channel, &client::payload_seq(size, sent)).await?;
+            publisher.flush().await
+        };
+        if let Err(e) = published.await {
+            // A publisher the server closed fails here; its reader saw why.
+            return Err(match tokio::time::timeout(Duration::from_secs(1), publisher_reader).await {
+                Ok(Ok(Err(reason))) => reason.context("the publisher"),
+                _ => e.context("the publisher"),
+            });
+        }
         sent += 1;
     }
     // Let the last messages arrive (bounded), then stop.
@@ -611,8 +626,11 @@ pub async fn fanout(
     }
     let seconds = started.elapsed().as_secs_f64();
     done.cancel();
-    while readers.join_next().await.is_some() {}
+    while let Some(read) = readers.join_next().await {
+        read??;
+    }
     publisher.close().await;
+    publisher_reader.abort();
     let mut latency = hist();
     for s in 0..sent as usize {
         if got[s].load(Ordering::Relaxed) == subscribers as u32 {
