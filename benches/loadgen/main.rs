@@ -88,8 +88,8 @@ struct Args {
     #[arg(long, value_delimiter = ',', value_parser = parse_rate)]
     rates: Option<Vec<f64>>,
     /// Rounds of `direct`'s maximum-rate runs and of the `plugins` comparison, the systems
-    /// (the filter counts) taking turns; the median round is reported (default: 3, 1 with
-    /// --smoke).
+    /// (the filter counts) taking turns; the median round is reported, the faster of the
+    /// middle two for an even number (default: 3, 1 with --smoke).
     #[arg(long)]
     repeat: Option<usize>,
     /// Drive this switchboard instead of starting one: its WebSocket listener, `host:port`
