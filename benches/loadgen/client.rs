@@ -523,10 +523,10 @@ impl Reader {
     pub async fn next_payload(&mut self) -> anyhow::Result<Option<Bytes>> {
         loop {
             match self.system {
-                System::Switchboard => match self.next_frame().await? {
+                System::Switchboard => match self.next_switchboard_delivery().await? {
                     None => return Ok(None),
-                    Some(frame) if frame.starts_with(br#"{"type":"message""#) => return Ok(Some(frame)),
-                    Some(frame) => check_not_fatal(&frame)?,
+                    Some(Delivery::Payload(frame)) => return Ok(Some(frame)),
+                    Some(Delivery::Refused) => continue,
                 },
                 System::Nats => {
                     if let Some(msg) = self.nats_take_msg()? {
@@ -558,6 +558,11 @@ impl Reader {
         if self.system != System::Switchboard {
             return Ok(self.next_payload().await?.map(Delivery::Payload));
         }
+        self.next_switchboard_delivery().await
+    }
+
+    /// [`next_delivery`](Self::next_delivery) from switchboard.
+    async fn next_switchboard_delivery(&mut self) -> anyhow::Result<Option<Delivery>> {
         loop {
             match self.next_frame().await? {
                 None => return Ok(None),
