@@ -296,7 +296,7 @@ fn encode_ack(
     dropped: usize,
     cluster: Option<&str>,
 ) -> Frame {
-    exact_frame(|out| {
+    exact_frame(true, |out| {
         out.put(r#"{"type":"ack""#);
         if let Some(client_id) = client_id {
             out.put(r#","client_id":"#);
@@ -324,7 +324,10 @@ fn encode_ack(
 /// an allocation of exactly its size. A full buffer becomes the frame's `Bytes` as it is;
 /// one with room to spare would cost a second allocation (and a second free) for the sharing
 /// header, which is dearer than copying a few hundred bytes.
-fn exact_frame(write: impl FnOnce(&mut Out<'_>)) -> Frame {
+///
+/// `one_line` is the caller's word that nothing it put raw (outside [`Out::json_str`], which
+/// escapes newlines) holds a newline.
+fn exact_frame(one_line: bool, write: impl FnOnce(&mut Out<'_>)) -> Frame {
     thread_local! {
         static SCRATCH: RefCell<String> = const { RefCell::new(String::new()) };
     }
@@ -332,7 +335,7 @@ fn exact_frame(write: impl FnOnce(&mut Out<'_>)) -> Frame {
         scratch.clear();
         let mut out = Out(scratch);
         write(&mut out);
-        Frame::from(scratch.as_str().to_owned())
+        Frame { text: Utf8Bytes::from(scratch.as_str().to_owned()), one_line }
     })
 }
 
@@ -379,7 +382,10 @@ pub struct Envelope<'a> {
 /// this runs for every message, and serde escapes every key it writes.
 pub fn encode_message(envelope: &Envelope<'_>) -> Frame {
     let e = envelope;
-    exact_frame(|out| {
+    // `data` is the sender's JSON as it came, the one part put raw: it may hold a newline
+    // between its tokens.
+    let one_line = memchr::memchr(b'\n', e.data.get().as_bytes()).is_none();
+    exact_frame(one_line, |out| {
         out.put(r#"{"type":"message","from":"#);
         out.json_str(e.from);
         out.put(r#","to":"#);
@@ -404,51 +410,70 @@ pub fn encode_message(envelope: &Envelope<'_>) -> Frame {
 
 /// One encoded server frame: JSON text, known to be UTF-8 (so no transport validates it
 /// again), and cheap to clone, so one encoding is shared by every connection it goes to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frame(Utf8Bytes);
+#[derive(Debug, Clone)]
+pub struct Frame {
+    text: Utf8Bytes,
+    /// Known to hold no raw newline, so a [batch](crate::transport) need not look for one
+    /// to replace. Only the hand-written encoders know it; any other frame may hold one.
+    one_line: bool,
+}
 
 impl Frame {
     pub fn as_bytes(&self) -> &[u8] {
-        self.0.as_bytes()
+        self.text.as_bytes()
     }
 
     pub fn as_str(&self) -> &str {
-        self.0.as_str()
+        self.text.as_str()
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.text.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.text.is_empty()
+    }
+
+    /// True when the frame is known to hold no raw newline (false: it may hold one).
+    pub fn is_one_line(&self) -> bool {
+        self.one_line
     }
 
     pub fn into_text(self) -> Utf8Bytes {
-        self.0
+        self.text
     }
 
     pub fn into_bytes(self) -> Bytes {
-        Bytes::from(self.0)
+        Bytes::from(self.text)
     }
 
     pub const fn from_static(s: &'static str) -> Self {
-        Self(Utf8Bytes::from_static(s))
+        Self { text: Utf8Bytes::from_static(s), one_line: false }
     }
 }
+
+/// Frames are equal when their text is: whether a newline was ruled out is not part of it.
+impl PartialEq for Frame {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for Frame {}
 
 impl TryFrom<Bytes> for Frame {
     type Error = std::str::Utf8Error;
 
     /// A frame received from another node: checked once to be UTF-8.
     fn try_from(bytes: Bytes) -> Result<Self, Self::Error> {
-        Utf8Bytes::try_from(bytes).map(Self)
+        Utf8Bytes::try_from(bytes).map(|text| Self { text, one_line: false })
     }
 }
 
 impl From<String> for Frame {
     fn from(s: String) -> Self {
-        Self(Utf8Bytes::from(s))
+        Self { text: Utf8Bytes::from(s), one_line: false }
     }
 }
 
@@ -685,6 +710,39 @@ mod tests {
                 assert_eq!((parsed["from"].as_str(), parsed["to"].as_str()), (Some(*s), Some(other)));
             }
         }
+    }
+
+    #[test]
+    fn only_a_raw_newline_in_data_makes_a_message_more_than_one_line() {
+        let flat = RawValue::from_string(r#"{"k":"v\n"}"#.into()).unwrap();
+        let spread = RawValue::from_string("{\n\"k\": 1}".into()).unwrap();
+        let message = |data| {
+            let e = Envelope {
+                from: "new\nline",
+                to: "bob",
+                channel: None,
+                event: 1,
+                data,
+                msg_id: "m1",
+                send_at: 1,
+                conversation_id: "d:x",
+            };
+            encode_message(&e)
+        };
+        assert!(message(&flat).is_one_line());
+        assert!(!message(&spread).is_one_line());
+        let ack = ServerFrame::Ack {
+            client_id: Some("c\n1"),
+            msg_id: "m1",
+            status: "delivered",
+            delivered: 1,
+            dropped: 0,
+            cluster: None,
+        };
+        assert!(ack.encode().is_one_line());
+        // Any other frame may hold one, as far as anyone knows.
+        assert!(!Frame::from(String::from("{}")).is_one_line());
+        assert_eq!(Frame::from(String::from("{}")), Frame::from_static("{}"));
     }
 
     #[test]

@@ -49,7 +49,15 @@ pub struct MsgId([u8; 24]);
 
 impl MsgId {
     pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+        // Read three times per message sent (its frame, its ack, the filters' view): checking
+        // the 24 bytes each time was 278 of the server's 8,234 instructions per message
+        // (callgrind, docs/performance.md).
+        #[allow(unsafe_code)]
+        // SAFETY: the bytes are ASCII hex digits: `next_at` alone writes them (the field is
+        // private and nothing hands out `&mut` to it), with `hex::encode_to_slice`.
+        unsafe {
+            std::str::from_utf8_unchecked(&self.0)
+        }
     }
 }
 

@@ -52,8 +52,9 @@ impl Batch {
     ///
     /// Newlines separate the frames, so a newline inside a frame becomes a space. In a
     /// JSON text a raw newline can only be whitespace between tokens (inside a string it
-    /// must be escaped), so the frame means the same.
-    pub(crate) fn push(&mut self, buf: &mut BytesMut, frame: &[u8]) -> bool {
+    /// must be escaped), so the frame means the same. `one_line` says the frame is known to
+    /// hold none ([`crate::protocol::Frame::is_one_line`]): it is not searched.
+    pub(crate) fn push(&mut self, buf: &mut BytesMut, frame: &[u8], one_line: bool) -> bool {
         if frame.len() >= self.limit {
             self.seal(buf);
             return false;
@@ -68,8 +69,10 @@ impl Batch {
         }
         let at = buf.len();
         buf.extend_from_slice(frame);
-        for i in memchr::memchr_iter(b'\n', frame) {
-            buf[at + i] = b' ';
+        if !one_line {
+            for i in memchr::memchr_iter(b'\n', frame) {
+                buf[at + i] = b' ';
+            }
         }
         true
     }
@@ -112,7 +115,7 @@ mod tests {
         let mut buf = BytesMut::new();
         let mut batch = Batch::new(framing, MAX_BATCH_BYTES);
         for frame in frames {
-            assert!(batch.push(&mut buf, frame));
+            assert!(batch.push(&mut buf, frame, false));
         }
         batch.seal(&mut buf);
         buf.to_vec()
@@ -154,7 +157,7 @@ mod tests {
         let mut buf = BytesMut::new();
         let mut batch = Batch::new(Framing::Length32, MAX_BATCH_BYTES);
         for _ in 0..3 {
-            assert!(batch.push(&mut buf, &frame));
+            assert!(batch.push(&mut buf, &frame, false));
         }
         batch.seal(&mut buf);
         // Two frames and their newline fit in 65,535 bytes; the third opens a second message.
@@ -167,8 +170,8 @@ mod tests {
     fn a_frame_too_large_to_share_is_left_to_the_caller() {
         let mut buf = BytesMut::new();
         let mut batch = Batch::new(Framing::WsText, MAX_BATCH_BYTES);
-        assert!(batch.push(&mut buf, b"{}"));
-        assert!(!batch.push(&mut buf, &vec![b'x'; MAX_BATCH_BYTES]));
+        assert!(batch.push(&mut buf, b"{}", false));
+        assert!(!batch.push(&mut buf, &vec![b'x'; MAX_BATCH_BYTES], false));
         // The open message was sealed first, so the caller's frame follows it.
         assert!(!batch.is_open());
         assert_eq!(&buf[..], b"\x81\x02{}");
@@ -179,9 +182,9 @@ mod tests {
         let mut buf = BytesMut::new();
         let mut batch = Batch::new(Framing::Length32, 100);
         for _ in 0..3 {
-            assert!(batch.push(&mut buf, &[b'x'; 40]));
+            assert!(batch.push(&mut buf, &[b'x'; 40], false));
         }
-        assert!(!batch.push(&mut buf, &[b'x'; 100]), "a frame at the limit travels alone");
+        assert!(!batch.push(&mut buf, &[b'x'; 100], false), "a frame at the limit travels alone");
         // 40 + 1 + 40 fit in 100; the third frame opened a second message.
         assert_eq!(buf[..4], 81u32.to_be_bytes());
         assert_eq!(buf[4 + 81..4 + 81 + 4], 40u32.to_be_bytes());
