@@ -11,6 +11,8 @@
 
 use bytes::{BufMut, BytesMut};
 
+use crate::protocol::Frame;
+
 /// The largest message a batch grows to (less when `limits.max_frame_bytes` is lower); a
 /// frame that would take it past this starts the next message, and a frame this large or
 /// larger is written on its own.
@@ -52,9 +54,10 @@ impl Batch {
     ///
     /// Newlines separate the frames, so a newline inside a frame becomes a space. In a
     /// JSON text a raw newline can only be whitespace between tokens (inside a string it
-    /// must be escaped), so the frame means the same. `one_line` says the frame is known to
-    /// hold none ([`crate::protocol::Frame::is_one_line`]): it is not searched.
-    pub(crate) fn push(&mut self, buf: &mut BytesMut, frame: &[u8], one_line: bool) -> bool {
+    /// must be escaped), so the frame means the same. A frame known to hold none
+    /// ([`Frame::is_one_line`]) is not searched.
+    pub(crate) fn push(&mut self, buf: &mut BytesMut, frame: &Frame) -> bool {
+        let (one_line, frame) = (frame.is_one_line(), frame.as_bytes());
         if frame.len() >= self.limit {
             self.seal(buf);
             return false;
@@ -111,11 +114,16 @@ impl Batch {
 mod tests {
     use super::*;
 
+    /// A frame of `text`, not known to be one line (as any frame not encoded by hand).
+    fn frame(text: &[u8]) -> Frame {
+        Frame::from(String::from_utf8(text.to_vec()).unwrap())
+    }
+
     fn batched(framing: Framing, frames: &[&[u8]]) -> Vec<u8> {
         let mut buf = BytesMut::new();
         let mut batch = Batch::new(framing, MAX_BATCH_BYTES);
-        for frame in frames {
-            assert!(batch.push(&mut buf, frame, false));
+        for text in frames {
+            assert!(batch.push(&mut buf, &frame(text)));
         }
         batch.seal(&mut buf);
         buf.to_vec()
@@ -153,11 +161,11 @@ mod tests {
 
     #[test]
     fn a_full_message_is_sealed_and_the_next_one_opened() {
-        let frame = vec![b'x'; 30_000];
+        let large = frame(&[b'x'; 30_000]);
         let mut buf = BytesMut::new();
         let mut batch = Batch::new(Framing::Length32, MAX_BATCH_BYTES);
         for _ in 0..3 {
-            assert!(batch.push(&mut buf, &frame, false));
+            assert!(batch.push(&mut buf, &large));
         }
         batch.seal(&mut buf);
         // Two frames and their newline fit in 65,535 bytes; the third opens a second message.
@@ -170,8 +178,8 @@ mod tests {
     fn a_frame_too_large_to_share_is_left_to_the_caller() {
         let mut buf = BytesMut::new();
         let mut batch = Batch::new(Framing::WsText, MAX_BATCH_BYTES);
-        assert!(batch.push(&mut buf, b"{}", false));
-        assert!(!batch.push(&mut buf, &vec![b'x'; MAX_BATCH_BYTES], false));
+        assert!(batch.push(&mut buf, &frame(b"{}")));
+        assert!(!batch.push(&mut buf, &frame(&vec![b'x'; MAX_BATCH_BYTES])));
         // The open message was sealed first, so the caller's frame follows it.
         assert!(!batch.is_open());
         assert_eq!(&buf[..], b"\x81\x02{}");
@@ -182,9 +190,9 @@ mod tests {
         let mut buf = BytesMut::new();
         let mut batch = Batch::new(Framing::Length32, 100);
         for _ in 0..3 {
-            assert!(batch.push(&mut buf, &[b'x'; 40], false));
+            assert!(batch.push(&mut buf, &frame(&[b'x'; 40])));
         }
-        assert!(!batch.push(&mut buf, &[b'x'; 100], false), "a frame at the limit travels alone");
+        assert!(!batch.push(&mut buf, &frame(&[b'x'; 100])), "a frame at the limit travels alone");
         // 40 + 1 + 40 fit in 100; the third frame opened a second message.
         assert_eq!(buf[..4], 81u32.to_be_bytes());
         assert_eq!(buf[4 + 81..4 + 81 + 4], 40u32.to_be_bytes());

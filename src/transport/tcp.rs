@@ -103,7 +103,7 @@ impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin> Sink<Outbound> for TcpIo<S> 
     fn start_send(mut self: Pin<&mut Self>, item: Outbound) -> io::Result<()> {
         let this = &mut *self;
         if let (Some(batch), Outbound::Frame(frame)) = (&mut this.batch, &item)
-            && batch.push(this.inner.write_buffer_mut(), frame.as_bytes(), frame.is_one_line())
+            && batch.push(this.inner.write_buffer_mut(), frame)
         {
             return Ok(());
         }

@@ -175,7 +175,7 @@ where
         }
         let this = &mut *self;
         if let (Some(batch), Outbound::Frame(frame)) = (&mut this.batch, &item)
-            && batch.push(this.inner.write_buffer_mut(), frame.as_bytes(), frame.is_one_line())
+            && batch.push(this.inner.write_buffer_mut(), frame)
         {
             return Ok(());
         }
