@@ -26,6 +26,7 @@ use switchboard::cluster::{Addrs, NodeInfo};
 use switchboard::config::Config;
 use switchboard::hub::{Hub, Sender};
 use switchboard::plugin::PluginSet;
+use switchboard::protocol::now_ms;
 use switchboard::registry::SessionHandle;
 use switchboard::session::ConnectRequest;
 use switchboard::transport::Transport;
@@ -91,7 +92,13 @@ fn send_direct(c: &mut Criterion) {
                         let sent = hub
                             .send_direct(
                                 &app,
-                                Sender { uid: "alice", metadata: &[], wants_count: true, conversation: None },
+                                Sender {
+                                    uid: "alice",
+                                    metadata: &[],
+                                    wants_count: true,
+                                    conversation: None,
+                                    received_at: now_ms(),
+                                },
                                 "bob",
                                 &data,
                             )
@@ -124,7 +131,7 @@ fn send_burst(c: &mut Criterion) {
         let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
         let handle = SessionHandle { conn_id: 1, tx, control: Arc::default() };
         app.registry.register("bob", handle.clone(), 16).unwrap();
-        let from = Sender { uid: "alice", metadata: &[], wants_count: true, conversation: None };
+        let from = Sender { uid: "alice", metadata: &[], wants_count: true, conversation: None, received_at: now_ms() };
         let to = Target::User { app: &app.id, uid: "bob" };
         group.bench_function(format!("filters/{filters}"), |b| {
             b.iter_custom(|iters| {

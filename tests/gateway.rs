@@ -43,6 +43,33 @@ async fn ws_to_tcp_direct_message_with_ack() {
     assert_eq!(reply["conversation_id"], conv);
 }
 
+/// A session reads the clock once per burst of frames: each message still carries the
+/// time its own frame was read, not one kept from earlier, and its id sorts after the last.
+#[tokio::test]
+async fn send_at_is_when_the_frame_was_read() {
+    let s = TestServer::spawn().await;
+    let mut alice = s.ws("demo", "alice").await;
+    let mut bob = s.tcp("demo", "bob").await;
+    let mut last: Option<(u64, String)> = None;
+    for text in ["first", "second", "third"] {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let before = switchboard::protocol::now_ms();
+        alice.send_json(&json!({"to":"bob","data":text})).await;
+        let msg = bob.recv().await;
+        let after = switchboard::protocol::now_ms();
+        assert_eq!(msg["data"], text);
+        let send_at = msg["send_at"].as_u64().unwrap();
+        assert!((before..=after).contains(&send_at), "{text}: send_at {send_at} outside {before}..={after}");
+        let msg_id = msg["msg_id"].as_str().unwrap().to_string();
+        if let Some((previous_at, previous_id)) = &last {
+            assert!(send_at >= previous_at + 30, "{text}: {send_at} is less than 30 ms after {previous_at}");
+            assert!(msg_id > *previous_id, "{text}: id {msg_id} does not sort after {previous_id}");
+        }
+        assert_eq!(alice.recv().await["msg_id"], msg_id.as_str());
+        last = Some((send_at, msg_id));
+    }
+}
+
 /// A session remembers its last recipient's conversation id; switching peers back and forth
 /// must never reuse the wrong one.
 #[tokio::test]

@@ -16,7 +16,7 @@ use utoipa::ToSchema;
 use super::push::{is_zero, object_body, sender, verify_signed};
 use super::{ApiError, ErrorBody};
 use crate::hub::{App, Hub, Sender};
-use crate::protocol::valid_channel;
+use crate::protocol::{now_ms, valid_channel};
 
 /// A channel publish, signed like a push.
 #[derive(Deserialize, ToSchema)]
@@ -100,7 +100,7 @@ async fn publish_checked(
     signed.commit(hub, &req.nonce)?;
     signed.app.metrics.from_channel_api.inc();
     let max_bytes = hub.config().limits.max_http_body_bytes;
-    let from = Sender { uid: from, metadata: &[], wants_count: true, conversation: None };
+    let from = Sender { uid: from, metadata: &[], wants_count: true, conversation: None, received_at: now_ms() };
     match hub.publish_channel(signed.app, from, channel, req.message, max_bytes).await {
         Ok(sent) => {
             let outcome = sent.delivery.finish().await;

@@ -21,7 +21,7 @@ use tracing::{Instrument, debug, info_span};
 use crate::cluster::nats::Target;
 use crate::hub::{App, ConnGuard, Hub, Identity, Outcome, Sender, Sent};
 use crate::protocol::{
-    ClientFrame, DecodeError, ErrorCode, Frame, SendFrame, ServerFrame, conversation_id, decode_client_frame,
+    ClientFrame, DecodeError, ErrorCode, Frame, SendFrame, ServerFrame, conversation_id, decode_client_frame, now_ms,
 };
 use crate::registry::{SessionControl, SessionHandle};
 use crate::transport::{FrameIo, Inbound, Outbound, ReadError, Transport};
@@ -170,6 +170,7 @@ pub async fn start<T: FrameIo>(io: T, hub: Arc<Hub>, request: ConnectRequest, gu
         handle,
         channels: Vec::new(),
         last_seen: Instant::now(),
+        received_at: now_ms(),
         conversation: None,
         batch: request.batch,
     };
@@ -210,6 +211,8 @@ struct Session<T> {
     bucket: TokenBucket,
     /// When the client last sent anything; drives the idle timeout.
     last_seen: Instant,
+    /// The same moment in Unix milliseconds: the `send_at` of the messages of that burst.
+    received_at: u64,
     /// The last direct recipient and this user's conversation id with them: messages tend
     /// to go to the same peer many times in a row, and the id costs a SHA-256.
     conversation: Option<(Box<str>, Box<str>)>,
@@ -385,8 +388,9 @@ impl<T: FrameIo> Session<T> {
         use futures_util::FutureExt as _;
         // Anything the client sends, even a refused frame, shows it is alive. One clock
         // read per burst: its frames are handled within microseconds of it, so the rate
-        // limit charges them all at this instant too.
+        // limit charges them all at this instant too, and they are stamped with it.
         self.last_seen = Instant::now();
+        self.received_at = now_ms();
         if self.hub.filters_messages(&self.app) {
             return self.on_filtered_burst(first).await;
         }
@@ -474,10 +478,16 @@ impl<T: FrameIo> Session<T> {
             .iter()
             .map(|_| {
                 self.app.metrics.from_clients.inc();
-                self.bucket.try_take(self.last_seen).then(|| self.hub.stamp())
+                self.bucket.try_take(self.last_seen).then(|| self.hub.stamp_at(self.received_at))
             })
             .collect();
-        let from = Sender { uid: &self.uid, metadata: &self.metadata, wants_count: false, conversation: None };
+        let from = Sender {
+            uid: &self.uid,
+            metadata: &self.metadata,
+            wants_count: false,
+            conversation: None,
+            received_at: self.received_at,
+        };
         let mut msgs = Vec::with_capacity(run.len());
         for (send, (msg_id, send_at)) in run.iter().zip(&stamps).filter_map(|(s, stamp)| Some((s, stamp.as_ref()?))) {
             let to = Target::User { app: &self.app.id, uid: &send.to };
@@ -593,7 +603,13 @@ impl<T: FrameIo> Session<T> {
                 }
                 let data = c.data.expect("decode requires data on publish");
                 let max = self.hub.config().limits.max_frame_bytes;
-                let from = Sender { uid: &self.uid, metadata: &self.metadata, wants_count: c.ack, conversation: None };
+                let from = Sender {
+                    uid: &self.uid,
+                    metadata: &self.metadata,
+                    wants_count: c.ack,
+                    conversation: None,
+                    received_at: self.received_at,
+                };
                 match self.hub.publish_channel(&self.app, from, &c.channel, data, max).await {
                     Ok(_) if !c.ack => Ok(()),
                     Ok(sent) => self.ack(client_id, sent).await,
@@ -630,6 +646,7 @@ impl<T: FrameIo> Session<T> {
             metadata: &self.metadata,
             wants_count,
             conversation: self.conversation.as_ref().map(|(_, id)| &**id),
+            received_at: self.received_at,
         }
     }
 
@@ -997,7 +1014,8 @@ mod tests {
             let start = Instant::now();
             let app = hub.app("demo").unwrap().clone();
             let data = serde_json::value::RawValue::from_string("1".into()).unwrap();
-            let from = Sender { uid: "bob", metadata: &[], wants_count: false, conversation: None };
+            let from =
+                Sender { uid: "bob", metadata: &[], wants_count: false, conversation: None, received_at: now_ms() };
             // The first message is taken off the queue and its write waits; the next four
             // fill the queue and the sixth finds it full, which kicks the session as a slow
             // consumer.
