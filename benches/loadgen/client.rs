@@ -165,13 +165,17 @@ fn token(endpoint: &Endpoint, uid: &str) -> String {
     }
 }
 
-/// Frames are written when the caller flushes (or 16 KiB are waiting), so that a sender that
-/// feeds several messages and then flushes puts them on the wire in one write, as it does
-/// over TCP; tungstenite's `write_buffer_size(0)` would write every frame at once. Messages
-/// may be as large as tungstenite's defaults allow: nats-server puts all it has buffered for
-/// a client in one message, which passed 1 MiB in a paced run of 4 two-way pairs.
+/// Frames are written when the caller flushes or this many bytes are waiting, over WebSocket
+/// and over TCP alike: a sender's window of 64 messages around a 128-byte payload (about
+/// 10 KB, as switchboard `send` frames or as NATS `PUB`s) leaves in one write.
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// Frames are written as [`WRITE_BUFFER`] says; tungstenite's `write_buffer_size(0)` would
+/// write every frame at once. Messages may be as large as tungstenite's defaults allow:
+/// nats-server puts all it has buffered for a client in one message, which passed 1 MiB in
+/// a paced run of 4 two-way pairs.
 fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(16 * 1024)
+    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(WRITE_BUFFER)
 }
 
 /// Opens a TCP connection to `to` from `source` (an address in 127.0.0.0/8, so that many
@@ -263,11 +267,17 @@ async fn halves(endpoint: &Endpoint, ws_path: &str, source: Option<IpAddr>) -> a
         return Ok((Out::Ws(sink), In::Ws(stream)));
     }
     let (read, write) = dial(endpoint.tcp, source).await?.into_split();
+    // tokio-util's own boundary is 8 KiB, which split a window in two writes.
+    fn buffered<E>(mut sink: FramedWrite<OwnedWriteHalf, E>) -> FramedWrite<OwnedWriteHalf, E> {
+        sink.set_backpressure_boundary(WRITE_BUFFER);
+        sink
+    }
     Ok(if endpoint.system == System::Switchboard {
         let codec = || LengthDelimitedCodec::builder().max_frame_length(1 << 20).new_codec();
-        (Out::Tcp(FramedWrite::new(write, codec())), In::Tcp(FramedRead::new(read, codec())))
+        (Out::Tcp(buffered(FramedWrite::new(write, codec()))), In::Tcp(FramedRead::new(read, codec())))
     } else {
-        (Out::Raw(FramedWrite::new(write, BytesCodec::new())), In::Raw(FramedRead::new(read, BytesCodec::new())))
+        let (sink, stream) = (FramedWrite::new(write, BytesCodec::new()), FramedRead::new(read, BytesCodec::new()));
+        (Out::Raw(buffered(sink)), In::Raw(stream))
     })
 }
 
