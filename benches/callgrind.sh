@@ -12,10 +12,11 @@
 #   benches/callgrind.sh --nats --rate 20000  # nats-server (.venv, PyPI) under the same load
 # With --nats the server counted is nats-server, driven by the same clients at the same rate
 # (its clients publish; there is no ack) and the count is divided by the messages it
-# published in the window, from its `processInboundClientMsg` calls; switchboard runs first,
-# at full speed, as the `latency` scenario always does. Prints one line, e.g. `instructions per message: 7794 (683860288 over 87731 sends decoded;
-# /metrics counted 86768 deliveries meanwhile; profile DIR/callgrind.out.PID.1)`: the
-# profile stays there, for callgrind_annotate.
+# published in the window, from its `processInboundClientMsg` calls; switchboard's two runs
+# (acked, then not) come first, as the `latency` scenario always runs them, not under
+# valgrind. Prints one line, e.g. `instructions per message: 7794 (683860288 over 87731
+# sends decoded; /metrics counted 86768 deliveries meanwhile; profile
+# DIR/callgrind.out.PID.1)`: the profile stays there, for callgrind_annotate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +31,10 @@ while (($#)); do
     *) echo "usage: $0 [--bin DIR] [--rate MSG_PER_S] [--window SECONDS] [--no-ack] [--nats]" >&2; exit 2 ;;
   esac
 done
+if ((nats && !ack)); then
+  echo "$0: --no-ack is switchboard's; nats-server's clients never ask for acks" >&2
+  exit 2
+fi
 
 sudo=""
 [[ $(id -u) -eq 0 ]] || sudo="sudo"
@@ -90,7 +95,7 @@ done
 pid=$(pgrep -f "callgrind-out-file=$work" | sort -n | tail -1)
 delivered() { echo 0; }
 if ((!nats)); then
-  http=$(grep 'switchboard listening' "$work/server.log" | sed -n "${want}p" | grep -o 'http=[0-9.:]*' | cut -d= -f2)
+  http=$(grep "$ready" "$work/server.log" | sed -n "${want}p" | grep -o 'http=[0-9.:]*' | cut -d= -f2)
   delivered() { curl -fsS "http://$http/metrics" | awk '/^switchboard_messages_delivered_total/ { n += $2 } END { print n + 0 }'; }
 fi
 

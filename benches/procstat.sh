@@ -28,7 +28,7 @@ while ((SECONDS < end)); do
     stat=$(awk '{ print $14, $15 }' "/proc/$pid/stat" 2>/dev/null) || continue
     writes=$(awk '/^syscw/ { print $2 }' "/proc/$pid/io" 2>/dev/null) || continue
     switches=$(cat /proc/"$pid"/task/*/status 2>/dev/null |
-      awk '/^voluntary_ctxt/ { v += $2 } /^nonvoluntary_ctxt/ { n += $2 } END { print v + 0, n + 0 }')
+      awk '/^voluntary_ctxt/ { v += $2 } /^nonvoluntary_ctxt/ { n += $2 } END { print v + 0, n + 0 }') || continue
     name=$(cat "/proc/$pid/comm" 2>/dev/null) || continue
     echo "$now $pid $name $stat ${writes:-0} $switches"
   done

@@ -43,8 +43,9 @@ async fn ws_to_tcp_direct_message_with_ack() {
     assert_eq!(reply["conversation_id"], conv);
 }
 
-/// A session reads the clock once per burst of frames: each message still carries the
-/// time its own frame was read, not one kept from earlier, and its id sorts after the last.
+/// A session reads the clock once per burst of frames it reads in one go: a message sent on
+/// its own still carries the time its frame arrived, not one kept from an earlier burst,
+/// and its id sorts after the last.
 #[tokio::test]
 async fn send_at_is_when_the_frame_was_read() {
     let s = TestServer::spawn().await;

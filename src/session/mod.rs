@@ -211,7 +211,8 @@ struct Session<T> {
     bucket: TokenBucket,
     /// When the client last sent anything; drives the idle timeout.
     last_seen: Instant,
-    /// The same moment in Unix milliseconds: the `send_at` of the messages of that burst.
+    /// The same moment in Unix milliseconds: the `send_at` of the messages of the burst of
+    /// frames read then.
     received_at: u64,
     /// The last direct recipient and this user's conversation id with them: messages tend
     /// to go to the same peer many times in a row, and the id costs a SHA-256.
@@ -387,8 +388,10 @@ impl<T: FrameIo> Session<T> {
     async fn on_inbound_burst(&mut self, first: Option<Result<Inbound, ReadError>>) -> Result<(), Exit> {
         use futures_util::FutureExt as _;
         // Anything the client sends, even a refused frame, shows it is alive. One clock
-        // read per burst: its frames are handled within microseconds of it, so the rate
-        // limit charges them all at this instant too, and they are stamped with it.
+        // read per burst: the rate limit charges all its frames at this instant, and their
+        // messages carry it as `send_at`. A frame picked up later in a burst whose handling
+        // waited (on the cluster, on filters) carries this earlier time too; the next burst
+        // reads the clock again.
         self.last_seen = Instant::now();
         self.received_at = now_ms();
         if self.hub.filters_messages(&self.app) {
@@ -481,13 +484,7 @@ impl<T: FrameIo> Session<T> {
                 self.bucket.try_take(self.last_seen).then(|| self.hub.stamp_at(self.received_at))
             })
             .collect();
-        let from = Sender {
-            uid: &self.uid,
-            metadata: &self.metadata,
-            wants_count: false,
-            conversation: None,
-            received_at: self.received_at,
-        };
+        let from = Sender { conversation: None, ..self.sender(false) };
         let mut msgs = Vec::with_capacity(run.len());
         for (send, (msg_id, send_at)) in run.iter().zip(&stamps).filter_map(|(s, stamp)| Some((s, stamp.as_ref()?))) {
             let to = Target::User { app: &self.app.id, uid: &send.to };
@@ -603,13 +600,8 @@ impl<T: FrameIo> Session<T> {
                 }
                 let data = c.data.expect("decode requires data on publish");
                 let max = self.hub.config().limits.max_frame_bytes;
-                let from = Sender {
-                    uid: &self.uid,
-                    metadata: &self.metadata,
-                    wants_count: c.ack,
-                    conversation: None,
-                    received_at: self.received_at,
-                };
+                // A channel message has no conversation with one peer.
+                let from = Sender { conversation: None, ..self.sender(c.ack) };
                 match self.hub.publish_channel(&self.app, from, &c.channel, data, max).await {
                     Ok(_) if !c.ack => Ok(()),
                     Ok(sent) => self.ack(client_id, sent).await,
