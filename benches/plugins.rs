@@ -27,7 +27,7 @@ use switchboard::config::Config;
 use switchboard::hub::{Hub, Sender};
 use switchboard::plugin::PluginSet;
 use switchboard::protocol::now_ms;
-use switchboard::registry::SessionHandle;
+use switchboard::registry::{SessionHandle, Taken};
 use switchboard::session::ConnectRequest;
 use switchboard::transport::Transport;
 
@@ -81,8 +81,8 @@ fn send_direct(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     for (filters, app_id) in [("0", "f0"), ("1", "f1"), ("1-allow", "f1a"), ("3", "f3")] {
         let app = hub.app(app_id).unwrap().clone();
-        let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
-        let handle = SessionHandle { conn_id: 1, tx, control: Arc::default() };
+        let handle = SessionHandle { conn_id: 1, control: Arc::default() };
+        let mut taken = Taken::default();
         app.registry.register("bob", handle.clone(), 16).unwrap();
         group.bench_function(format!("filters/{filters}"), |b| {
             b.iter_custom(|iters| {
@@ -105,8 +105,8 @@ fn send_direct(c: &mut Criterion) {
                             .await
                             .unwrap();
                         assert_eq!(sent.delivery.local.sessions, 1);
-                        let frame = rx.try_recv().unwrap();
-                        handle.control.dequeued(&frame);
+                        assert_eq!(handle.control.take_queued(1, &mut taken), 1);
+                        assert!(taken.next().is_some());
                     }
                     start.elapsed()
                 })
@@ -128,8 +128,8 @@ fn send_burst(c: &mut Criterion) {
     group.throughput(Throughput::Elements(BURST as u64));
     for (filters, app_id) in [("0", "f0"), ("1", "f1"), ("1-allow", "f1a"), ("3", "f3")] {
         let app = hub.app(app_id).unwrap().clone();
-        let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
-        let handle = SessionHandle { conn_id: 1, tx, control: Arc::default() };
+        let handle = SessionHandle { conn_id: 1, control: Arc::default() };
+        let mut taken = Taken::default();
         app.registry.register("bob", handle.clone(), 16).unwrap();
         let from = Sender { uid: "alice", metadata: &[], wants_count: true, conversation: None, received_at: now_ms() };
         let to = Target::User { app: &app.id, uid: "bob" };
@@ -148,8 +148,8 @@ fn send_burst(c: &mut Criterion) {
                             let sent =
                                 hub.send_filtered(&app, from, to, &data, rewritten.as_deref(), msg_id, send_at).await;
                             assert_eq!(sent.delivery.local.sessions, 1);
-                            let frame = rx.try_recv().unwrap();
-                            handle.control.dequeued(&frame);
+                            assert_eq!(handle.control.take_queued(1, &mut taken), 1);
+                            assert!(taken.next().is_some());
                         }
                     }
                     start.elapsed()

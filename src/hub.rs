@@ -28,7 +28,7 @@ use crate::plugin::{AuthOutcome, AuthRequest, FilterMessage, PluginError, Plugin
 use crate::protocol::{
     EVENT_CHANNEL, EVENT_DIRECT, Envelope, ErrorCode, Frame, MsgId, MsgIdGen, conversation_id, encode_message, now_ms,
 };
-use crate::registry::{Delivered, Registry, SessionHandle};
+use crate::registry::{Delivered, QueueLimits, Registry, SessionHandle};
 use crate::routing;
 use crate::session::ConnectRequest;
 
@@ -236,7 +236,10 @@ impl Hub {
                     id: id.clone(),
                     secret: Secret::new(app.secret.as_bytes()),
                     jwt: JwtVerifier::new(app.secret.as_bytes(), app.token_leeway),
-                    registry: Registry::new(config.limits.outbound_queue_bytes),
+                    registry: Registry::new(QueueLimits {
+                        frames: config.limits.outbound_queue,
+                        bytes: config.limits.outbound_queue_bytes,
+                    }),
                     nonces: Mutex::new(NonceStore::new(config.push.nonce_capacity)),
                     metrics: metrics.app(id),
                 };
@@ -494,7 +497,7 @@ impl Hub {
     }
 
     /// Delivers to this node's sessions of `target`.
-    pub fn deliver_local(&self, target: Target<'_>, frame: Frame) -> Delivered {
+    pub fn deliver_local(&self, target: Target<'_>, frame: &Frame) -> Delivered {
         let (Target::User { app, .. } | Target::Channel { app, .. }) = target;
         match self.apps.get(app) {
             Some(app) => Self::deliver_in(app, target, frame),
@@ -503,7 +506,7 @@ impl Hub {
     }
 
     /// Delivers to this node's sessions of `target`, which is in `app`.
-    fn deliver_in(app: &App, target: Target<'_>, frame: Frame) -> Delivered {
+    fn deliver_in(app: &App, target: Target<'_>, frame: &Frame) -> Delivered {
         let delivered = match target {
             Target::User { uid, .. } => app.registry.deliver(uid, frame),
             Target::Channel { channel, .. } => app.registry.deliver_channel(channel, frame),
@@ -522,9 +525,9 @@ impl Hub {
     async fn deliver(&self, app: &App, target: Target<'_>, frame: Frame, wants_count: bool) -> Delivery {
         debug_assert!(matches!(target, Target::User { app: id, .. } | Target::Channel { app: id, .. } if id == app.id));
         let Some(cluster) = self.cluster.get() else {
-            return Delivery { local: Self::deliver_in(app, target, frame), remote: RemoteDelivery::Single };
+            return Delivery { local: Self::deliver_in(app, target, &frame), remote: RemoteDelivery::Single };
         };
-        let local = Self::deliver_in(app, target, frame.clone());
+        let local = Self::deliver_in(app, target, &frame);
         let remote = match wants_count {
             false => match cluster.publish_unanswered(target, &frame).await {
                 true => RemoteDelivery::Unanswered,

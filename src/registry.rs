@@ -5,24 +5,56 @@
 //! disconnecting sessions that cannot keep up. It does not encode frames, decide who may
 //! send to whom, or know about other nodes.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 
+use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
-use tokio::sync::{Notify, mpsc};
+use futures_util::task::AtomicWaker;
+use tokio::sync::Notify;
 
 use crate::protocol::{ErrorCode, Frame};
 
-/// Out-of-band control of one session: anyone holding a handle can ask it to close with a
-/// reason, even when its outbound queue is full.
+/// Out-of-band control of one session, and its outbound queue: anyone holding a handle can
+/// queue a frame for it, or ask it to close with a reason, even when its queue is full.
 #[derive(Debug, Default)]
 pub struct SessionControl {
     /// 0 = not kicked; otherwise an index into [`KICK_REASONS`] plus one.
     reason: AtomicU8,
     notify: Notify,
-    /// Bytes of frames sitting in the session's outbound queue.
-    queued_bytes: AtomicUsize,
+    queue: Mutex<Queue>,
+    /// The session, waiting for its queue to fill.
+    queue_waker: AtomicWaker,
 }
+
+/// Frames waiting to be written to one connection. A sender copies a frame's bytes into
+/// one buffer (and drops its own frame on its own thread); the session takes a run of
+/// them at once ([`Taken`]). Before, each frame went through a channel and was freed by the
+/// session's thread: glibc's malloc then locks the arena the frame came from, and the
+/// channel's bookkeeping was atomics the two threads shared (docs/performance.md).
+#[derive(Debug, Default)]
+struct Queue {
+    text: BytesMut,
+    /// Each queued frame's length in `text`, in order, and whether it is known to hold no
+    /// newline.
+    frames: VecDeque<(usize, bool)>,
+    /// The session has ended: nothing more is queued.
+    closed: bool,
+}
+
+/// How much one session's queue may hold before its session counts as a slow consumer
+/// (`limits.outbound_queue` and `limits.outbound_queue_bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    pub frames: usize,
+    pub bytes: usize,
+}
+
+/// A queue's buffer past this capacity is not kept once taken: a burst to one connection
+/// does not hold its memory for the rest of the connection's life.
+const KEEP_QUEUE_CAPACITY: usize = 64 * 1024;
 
 const KICK_REASONS: [ErrorCode; 4] =
     [ErrorCode::SlowConsumer, ErrorCode::ServerShutdown, ErrorCode::Internal, ErrorCode::NodeDraining];
@@ -50,20 +82,114 @@ impl SessionControl {
         }
     }
 
-    /// The session took `frame` off its queue.
-    pub fn dequeued(&self, frame: &Frame) {
-        self.queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
-    }
-
-    pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes.load(Ordering::Relaxed)
-    }
-
     pub fn reason(&self) -> Option<ErrorCode> {
         match self.reason.load(Ordering::Acquire) {
             0 => None,
             n => Some(KICK_REASONS[(n - 1) as usize]),
         }
+    }
+
+    /// Bytes of frames waiting in the session's queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.queue().text.len()
+    }
+
+    /// A panic elsewhere while the lock was held cannot leave the queue half-written: every
+    /// change to it is a push or a take that completes before the guard is dropped.
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Ready when frames wait in the queue (or once it is closed); the session's loop
+    /// waits on this.
+    pub fn poll_queued(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // Registered before looking, so a frame queued after the look wakes this task.
+        self.queue_waker.register(cx.waker());
+        let q = self.queue();
+        if q.frames.is_empty() && !q.closed { Poll::Pending } else { Poll::Ready(()) }
+    }
+
+    /// Takes up to `max` of the queued frames, oldest first, into `into` (whose frames
+    /// taken before must all have been taken out of it and dropped); returns how many.
+    /// Holds the queue's lock for a few moves: the frames are cut apart after.
+    pub fn take_queued(&self, max: usize, into: &mut Taken) -> usize {
+        debug_assert!(into.lens.is_empty(), "frames taken before are still unwritten");
+        into.run = Bytes::new();
+        // The buffer taken last time, whole again now that its frames are gone, is what the
+        // senders fill next.
+        let spare_ready = into.spare.try_reclaim(into.spare_capacity);
+        let mut q = self.queue();
+        let n = max.min(q.frames.len());
+        if n == 0 {
+            return 0;
+        }
+        into.lens.extend(q.frames.drain(..n));
+        if q.frames.is_empty() {
+            let next = if spare_ready { std::mem::take(&mut into.spare) } else { BytesMut::new() };
+            let mut full = std::mem::replace(&mut q.text, next);
+            drop(q);
+            let capacity = full.capacity();
+            into.run = full.split().freeze();
+            // Kept to be given back, unless it grew too large to keep.
+            (into.spare, into.spare_capacity) =
+                if capacity <= KEEP_QUEUE_CAPACITY { (full, capacity) } else { (BytesMut::new(), 0) };
+        } else {
+            let len: usize = into.lens.iter().map(|(len, _)| len).sum();
+            into.run = q.text.split_to(len).freeze();
+        }
+        n
+    }
+
+    /// Ends the queue: what waits in it is dropped, and offers fail from now on.
+    fn close_queue(&self) {
+        let mut q = self.queue();
+        q.closed = true;
+        q.frames = VecDeque::new();
+        q.text = BytesMut::new();
+    }
+}
+
+/// Frames taken from a queue at once ([`SessionControl::take_queued`]), to be written in
+/// order: an iterator of them. The session keeps it, with the buffer it took last: the
+/// senders fill one buffer while the session writes out the other, and the two change
+/// places at each take, so that neither is allocated again.
+#[derive(Debug, Default)]
+pub struct Taken {
+    run: Bytes,
+    /// The lengths of the frames in `run`, in order, and whether each is one line.
+    lens: VecDeque<(usize, bool)>,
+    /// The buffer `run` was cut from, empty, and its capacity when it was taken.
+    spare: BytesMut,
+    spare_capacity: usize,
+}
+
+impl Iterator for Taken {
+    type Item = Frame;
+
+    fn next(&mut self) -> Option<Frame> {
+        let (len, one_line) = self.lens.pop_front()?;
+        let text = self.run.split_to(len);
+        // SAFETY: `offer` copied these bytes from whole frames, which are UTF-8, and `lens`
+        // holds their lengths, so each piece is one frame's bytes.
+        #[allow(unsafe_code)]
+        Some(unsafe { Frame::from_utf8_unchecked(text, one_line) })
+    }
+}
+
+/// The session's end of its queue: dropping it closes the queue, so that nothing is
+/// queued for a connection that is gone.
+#[derive(Debug)]
+pub struct QueueOwner(Arc<SessionControl>);
+
+impl QueueOwner {
+    pub fn new(control: Arc<SessionControl>) -> Self {
+        Self(control)
+    }
+}
+
+impl Drop for QueueOwner {
+    fn drop(&mut self) {
+        self.0.close_queue();
     }
 }
 
@@ -71,7 +197,6 @@ impl SessionControl {
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
     pub conn_id: u64,
-    pub tx: mpsc::Sender<Frame>,
     pub control: Arc<SessionControl>,
 }
 
@@ -85,26 +210,27 @@ pub enum OfferError {
 }
 
 impl SessionHandle {
-    /// Queues `frame` without waiting, keeping the byte count the session's budget is
-    /// checked against; a full queue kicks the session as a slow consumer.
-    pub fn offer(&self, frame: Frame, max_queued_bytes: usize) -> Result<(), OfferError> {
-        let len = frame.len();
-        let queued = self.control.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
-        let result = if queued > max_queued_bytes {
-            Err(OfferError::Full)
-        } else {
-            self.tx.try_send(frame).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => OfferError::Full,
-                mpsc::error::TrySendError::Closed(_) => OfferError::Closed,
-            })
-        };
-        if let Err(e) = result {
-            self.control.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            if e == OfferError::Full {
-                self.control.kick(ErrorCode::SlowConsumer);
-            }
+    /// Queues a copy of `frame` without waiting; a full queue kicks the session as a slow
+    /// consumer.
+    pub fn offer(&self, frame: &Frame, limits: QueueLimits) -> Result<(), OfferError> {
+        let control = &*self.control;
+        let mut q = control.queue();
+        if q.closed {
+            return Err(OfferError::Closed);
         }
-        result
+        if q.frames.len() >= limits.frames || q.text.len() + frame.len() > limits.bytes {
+            drop(q);
+            control.kick(ErrorCode::SlowConsumer);
+            return Err(OfferError::Full);
+        }
+        let was_empty = q.frames.is_empty();
+        q.text.extend_from_slice(frame.as_bytes());
+        q.frames.push_back((frame.len(), frame.is_one_line()));
+        drop(q);
+        if was_empty {
+            control.queue_waker.wake();
+        }
+        Ok(())
     }
 }
 
@@ -137,17 +263,17 @@ pub struct Registry {
     users: DashMap<Box<str>, Vec<SessionHandle>>,
     channels: DashMap<Box<str>, Vec<SessionHandle>>,
     sessions: AtomicUsize,
-    /// Queued bytes one session may hold before it counts as a slow consumer.
-    max_queued_bytes: usize,
+    /// What one session's queue may hold before it counts as a slow consumer.
+    limits: QueueLimits,
 }
 
 impl Registry {
-    pub fn new(max_queued_bytes: usize) -> Self {
-        Self { users: DashMap::new(), channels: DashMap::new(), sessions: AtomicUsize::new(0), max_queued_bytes }
+    pub fn new(limits: QueueLimits) -> Self {
+        Self { users: DashMap::new(), channels: DashMap::new(), sessions: AtomicUsize::new(0), limits }
     }
 
-    pub fn max_queued_bytes(&self) -> usize {
-        self.max_queued_bytes
+    pub fn queue_limits(&self) -> QueueLimits {
+        self.limits
     }
 
     /// Adds a session for `uid`, unless the user already holds `max_per_user` sessions.
@@ -186,13 +312,13 @@ impl Registry {
     /// Offers `frame` to every session of `uid` without waiting: a session whose queue is
     /// full (in frames or in bytes) is kicked as a slow consumer, so one stuck reader never
     /// delays anyone else.
-    pub fn deliver(&self, uid: &str, frame: Frame) -> Delivered {
-        offer_all(self.users.get(uid).as_deref().map(Vec::as_slice), frame, self.max_queued_bytes)
+    pub fn deliver(&self, uid: &str, frame: &Frame) -> Delivered {
+        offer_all(self.users.get(uid).as_deref().map(Vec::as_slice), frame, self.limits)
     }
 
     /// Offers `frame` to every local subscriber of `channel`.
-    pub fn deliver_channel(&self, channel: &str, frame: Frame) -> Delivered {
-        offer_all(self.channels.get(channel).as_deref().map(Vec::as_slice), frame, self.max_queued_bytes)
+    pub fn deliver_channel(&self, channel: &str, frame: &Frame) -> Delivered {
+        offer_all(self.channels.get(channel).as_deref().map(Vec::as_slice), frame, self.limits)
     }
 
     /// Every session of this app on this node (for draining).
@@ -246,21 +372,17 @@ impl Registry {
     }
 }
 
-/// Offers one copy of `frame` to each of `sessions`; the last one gets `frame` itself (a
-/// user with one connection, the usual case, costs no copy).
-fn offer_all(sessions: Option<&[SessionHandle]>, frame: Frame, max_bytes: usize) -> Delivered {
+/// Offers `frame` to each of `sessions`.
+fn offer_all(sessions: Option<&[SessionHandle]>, frame: &Frame, limits: QueueLimits) -> Delivered {
     let mut out = Delivered::default();
-    let Some((last, others)) = sessions.unwrap_or_default().split_last() else { return out };
-    let mut tally = |offered| match offered {
-        Ok(()) => out.sessions += 1,
-        Err(OfferError::Full) => out.dropped += 1,
-        // The session is on its way out and will unregister itself.
-        Err(OfferError::Closed) => {}
-    };
-    for s in others {
-        tally(s.offer(frame.clone(), max_bytes));
+    for s in sessions.unwrap_or_default() {
+        match s.offer(frame, limits) {
+            Ok(()) => out.sessions += 1,
+            Err(OfferError::Full) => out.dropped += 1,
+            // The session is on its way out and will unregister itself.
+            Err(OfferError::Closed) => {}
+        }
     }
-    tally(last.offer(frame, max_bytes));
     out
 }
 
@@ -289,33 +411,50 @@ fn remove_from(
 mod tests {
     use super::*;
 
-    fn handle(id: u64, cap: usize) -> (SessionHandle, mpsc::Receiver<Frame>) {
-        let (tx, rx) = mpsc::channel(cap);
-        (SessionHandle { conn_id: id, tx, control: Arc::default() }, rx)
+    const LIMITS: QueueLimits = QueueLimits { frames: 4, bytes: 1 << 20 };
+
+    fn handle(id: u64) -> (SessionHandle, QueueOwner) {
+        let control = Arc::<SessionControl>::default();
+        (SessionHandle { conn_id: id, control: control.clone() }, QueueOwner::new(control))
+    }
+
+    fn take_all(h: &SessionHandle) -> Vec<Frame> {
+        take(h, usize::MAX)
+    }
+
+    fn take(h: &SessionHandle, max: usize) -> Vec<Frame> {
+        let mut taken = Taken::default();
+        let n = h.control.take_queued(max, &mut taken);
+        let frames: Vec<Frame> = taken.collect();
+        assert_eq!(frames.len(), n);
+        frames
     }
 
     #[test]
     fn every_device_receives_and_full_queue_is_kicked() {
-        let r = Registry::new(1 << 20);
-        let (a, mut ra) = handle(1, 4);
-        let (b, _rb) = handle(2, 1);
-        let b_control = b.control.clone();
+        let r = Registry::new(LIMITS);
+        let (a, _qa) = handle(1);
+        let (b, _qb) = handle(2);
+        let (a_seen, b_control) = (a.clone(), b.control.clone());
         assert!(r.register("u", a, 4).unwrap(), "first session of u");
         assert!(!r.register("u", b, 4).unwrap());
         let frame = Frame::from_static("x");
-        assert_eq!(r.deliver("u", frame.clone()), Delivered { sessions: 2, dropped: 0 });
-        assert_eq!(r.deliver("u", frame.clone()), Delivered { sessions: 1, dropped: 1 });
+        for _ in 0..4 {
+            assert_eq!(r.deliver("u", &frame), Delivered { sessions: 2, dropped: 0 });
+        }
+        take_all(&a_seen);
+        assert_eq!(r.deliver("u", &frame), Delivered { sessions: 1, dropped: 1 }, "b holds 4 frames already");
         assert_eq!(b_control.reason(), Some(ErrorCode::SlowConsumer));
-        assert_eq!(ra.try_recv().unwrap(), frame);
-        assert_eq!(r.deliver("nobody", frame.clone()), Delivered::default());
+        assert_eq!(r.deliver("nobody", &frame), Delivered::default());
+        assert_eq!(take_all(&a_seen), [frame]);
     }
 
     #[test]
     fn per_user_limit_and_unregister() {
-        let r = Registry::new(1 << 20);
-        r.register("u", handle(1, 1).0, 2).unwrap();
-        r.register("u", handle(2, 1).0, 2).unwrap();
-        assert_eq!(r.register("u", handle(3, 1).0, 2), Err(ErrorCode::TooManyDevices));
+        let r = Registry::new(LIMITS);
+        r.register("u", handle(1).0, 2).unwrap();
+        r.register("u", handle(2).0, 2).unwrap();
+        assert_eq!(r.register("u", handle(3).0, 2), Err(ErrorCode::TooManyDevices));
         assert_eq!(r.len(), 2);
         assert!(!r.unregister("u", 1));
         assert!(r.unregister("u", 2), "last session of u");
@@ -324,14 +463,14 @@ mod tests {
 
     #[test]
     fn channels_deliver_to_subscribers() {
-        let r = Registry::new(1 << 20);
-        let (a, mut ra) = handle(1, 4);
-        let (b, _rb) = handle(2, 4);
+        let r = Registry::new(LIMITS);
+        let (a, _qa) = handle(1);
+        let (b, _qb) = handle(2);
         assert!(r.join("room", a.clone()));
-        assert!(!r.join("room", a), "joining twice is a no-op");
+        assert!(!r.join("room", a.clone()), "joining twice is a no-op");
         assert!(!r.join("room", b));
-        assert_eq!(r.deliver_channel("room", Frame::from_static("m")).sessions, 2);
-        assert_eq!(ra.try_recv().unwrap().as_str(), "m");
+        assert_eq!(r.deliver_channel("room", &Frame::from_static("m")).sessions, 2);
+        assert_eq!(take_all(&a)[0].as_str(), "m");
         assert!(!r.leave("room", 1));
         assert!(r.leave("room", 2));
         assert_eq!(r.channels(), 0);
@@ -339,17 +478,89 @@ mod tests {
 
     #[test]
     fn byte_budget_counts_as_full() {
-        let r = Registry::new(10);
-        let (a, mut ra) = handle(1, 100);
-        let control = a.control.clone();
+        let r = Registry::new(QueueLimits { frames: 100, bytes: 10 });
+        let (a, _qa) = handle(1);
+        let seen = a.clone();
         r.register("u", a, 1).unwrap();
         let frame = Frame::from_static("123456");
-        assert_eq!(r.deliver("u", frame.clone()).sessions, 1);
-        assert_eq!(r.deliver("u", frame.clone()), Delivered { sessions: 0, dropped: 1 }, "12 bytes > 10");
-        assert_eq!(control.reason(), Some(ErrorCode::SlowConsumer));
-        let got = ra.try_recv().unwrap();
-        control.dequeued(&got);
-        assert_eq!(control.queued_bytes(), 0);
+        assert_eq!(r.deliver("u", &frame).sessions, 1);
+        assert_eq!(seen.control.queued_bytes(), 6);
+        assert_eq!(r.deliver("u", &frame), Delivered { sessions: 0, dropped: 1 }, "12 bytes > 10");
+        assert_eq!(seen.control.reason(), Some(ErrorCode::SlowConsumer));
+        assert_eq!(take_all(&seen), [frame]);
+        assert_eq!(seen.control.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn frames_come_out_whole_in_order_and_a_run_at_a_time() {
+        let (a, _qa) = handle(1);
+        let limits = QueueLimits { frames: 100, bytes: 1 << 20 };
+        // Of different sizes; every other one known to be one line.
+        let frames: Vec<Frame> = (0..10)
+            .map(|i| match i % 2 {
+                0 => Frame::from(format!("{{\"n\":{i}}}\n").repeat(i + 1)),
+                _ => crate::protocol::ServerFrame::Ack {
+                    client_id: Some(&"c".repeat(i)),
+                    msg_id: "m",
+                    status: "delivered",
+                    delivered: i,
+                    dropped: 0,
+                    cluster: None,
+                }
+                .encode(),
+            })
+            .collect();
+        assert!(frames[1].is_one_line() && !frames[0].is_one_line());
+        for f in &frames {
+            a.offer(f, limits).unwrap();
+        }
+        let mut got = take(&a, 3);
+        assert_eq!(got, frames[..3]);
+        a.offer(&Frame::from_static("late"), limits).unwrap();
+        got.extend(take(&a, 100));
+        assert_eq!(got.len(), 11);
+        assert_eq!(got[3..10], frames[3..]);
+        assert_eq!(got[10].as_str(), "late");
+        assert!(got.iter().zip(&frames).all(|(g, f)| g.is_one_line() == f.is_one_line()));
+        assert!(take(&a, 100).is_empty());
+    }
+
+    #[test]
+    fn two_buffers_take_turns() {
+        let (a, _qa) = handle(1);
+        let limits = QueueLimits { frames: 100, bytes: 1 << 20 };
+        let frame = Frame::from("x".repeat(100));
+        let mut taken = Taken::default();
+        let mut buffers = std::collections::HashSet::new();
+        for _ in 0..8 {
+            for _ in 0..5 {
+                a.offer(&frame, limits).unwrap();
+            }
+            assert_eq!(a.control.take_queued(usize::MAX, &mut taken), 5);
+            buffers.insert(taken.run.as_ptr() as usize);
+            assert_eq!(taken.by_ref().collect::<Vec<_>>(), vec![frame.clone(); 5]);
+        }
+        assert_eq!(buffers.len(), 2, "each take fills one of the same two buffers");
+    }
+
+    #[test]
+    fn a_closed_queue_takes_nothing_and_drops_what_waited() {
+        let (a, qa) = handle(1);
+        a.offer(&Frame::from_static("x"), LIMITS).unwrap();
+        drop(qa);
+        assert_eq!(a.offer(&Frame::from_static("y"), LIMITS), Err(OfferError::Closed));
+        assert_eq!((a.control.queued_bytes(), take_all(&a).len()), (0, 0));
+        assert_eq!(a.control.reason(), None, "a closed queue is not a slow consumer");
+    }
+
+    #[tokio::test]
+    async fn a_frame_queued_while_the_session_waits_wakes_it() {
+        let (a, _qa) = handle(1);
+        let control = a.control.clone();
+        let waiting = tokio::spawn(async move { std::future::poll_fn(|cx| control.poll_queued(cx)).await });
+        tokio::task::yield_now().await;
+        a.offer(&Frame::from_static("x"), LIMITS).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiting).await.expect("woken").unwrap();
     }
 
     #[tokio::test]

@@ -377,8 +377,8 @@ impl Cluster {
             return;
         };
         let delivered = match kind {
-            b'u' => hub.deliver_local(Target::User { app: &app, uid: &name }, frame),
-            b'c' => hub.deliver_local(Target::Channel { app: &app, channel: &name }, frame),
+            b'u' => hub.deliver_local(Target::User { app: &app, uid: &name }, &frame),
+            b'c' => hub.deliver_local(Target::Channel { app: &app, channel: &name }, &frame),
             _ => return,
         };
         if let Some(reply) = msg.reply

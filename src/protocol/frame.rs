@@ -451,6 +451,17 @@ impl Frame {
     pub const fn from_static(s: &'static str) -> Self {
         Self { text: Utf8Bytes::from_static(s), one_line: false }
     }
+
+    /// A frame of `bytes`, which the caller knows to be UTF-8 (and, with `one_line`, to
+    /// hold no newline): pieces of a buffer that frames were copied into.
+    ///
+    /// # Safety
+    /// `bytes` must be valid UTF-8.
+    #[allow(unsafe_code)]
+    pub(crate) unsafe fn from_utf8_unchecked(bytes: Bytes, one_line: bool) -> Self {
+        // SAFETY: the caller's promise.
+        Self { text: unsafe { Utf8Bytes::from_bytes_unchecked(bytes) }, one_line }
+    }
 }
 
 /// Frames are equal when their text is: whether a newline was ruled out is not part of it.

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng as _;
-use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{Instrument, debug, info_span};
 
@@ -23,7 +22,7 @@ use crate::hub::{App, ConnGuard, Hub, Identity, Outcome, Sender, Sent};
 use crate::protocol::{
     ClientFrame, DecodeError, ErrorCode, Frame, SendFrame, ServerFrame, conversation_id, decode_client_frame, now_ms,
 };
-use crate::registry::{SessionControl, SessionHandle};
+use crate::registry::{QueueOwner, SessionControl, SessionHandle, Taken};
 use crate::transport::{FrameIo, Inbound, Outbound, ReadError, Transport};
 
 use rate::TokenBucket;
@@ -139,9 +138,8 @@ pub async fn start<T: FrameIo>(io: T, hub: Arc<Hub>, request: ConnectRequest, gu
         }
     };
     let conn_id = hub.next_conn_id();
-    let (tx, rx) = mpsc::channel(hub.config().limits.outbound_queue);
     let control = Arc::new(SessionControl::default());
-    let handle = SessionHandle { conn_id, tx, control: control.clone() };
+    let handle = SessionHandle { conn_id, control: control.clone() };
     if let Err(code) = hub.register(&app, &uid, handle.clone()).await {
         hub.metrics().rejected(Some(&app.id), request.transport, code.as_str());
         return reject(io, code, describe(code)).await;
@@ -165,7 +163,8 @@ pub async fn start<T: FrameIo>(io: T, hub: Arc<Hub>, request: ConnectRequest, gu
         uid,
         metadata,
         conn_id,
-        rx,
+        _queue: QueueOwner::new(control.clone()),
+        taken: Taken::default(),
         control,
         handle,
         channels: Vec::new(),
@@ -201,7 +200,10 @@ struct Session<T> {
     /// Identity metadata from the app's authenticator, shown to its filters.
     metadata: Vec<(String, String)>,
     conn_id: u64,
-    rx: mpsc::Receiver<Frame>,
+    /// Closes this session's queue when the session ends.
+    _queue: QueueOwner,
+    /// Frames taken from the queue to be written.
+    taken: Taken,
     control: Arc<SessionControl>,
     /// This session's own queue entry: channel subscriptions, and acks that wait for other
     /// nodes' answers, go through it.
@@ -270,7 +272,8 @@ impl Exit {
 
 enum Event {
     Kicked(ErrorCode),
-    Outbound(Frame),
+    /// Frames wait in the session's queue.
+    Outbound,
     Inbound(Option<Result<Inbound, ReadError>>),
     Tick,
 }
@@ -289,13 +292,17 @@ impl<T: FrameIo> Session<T> {
                     if matches!(exit, Exit::Moved) { ErrorCode::NodeDraining } else { ErrorCode::ServerShutdown };
                 // What was queued before the shutdown was acknowledged to its senders as
                 // delivered: write it out first (bounded like every goodbye).
-                let rx = &mut self.rx;
                 let io = &mut self.io;
                 let control = &self.control;
+                let taken = &mut self.taken;
                 let _ = timeout(CLOSE_TIMEOUT, async {
-                    while let Ok(frame) = rx.try_recv() {
-                        control.dequeued(&frame);
-                        io.feed(Outbound::Frame(frame)).await?;
+                    loop {
+                        for frame in taken.by_ref() {
+                            io.feed(Outbound::Frame(frame)).await?;
+                        }
+                        if control.take_queued(usize::MAX, taken) == 0 {
+                            break;
+                        }
                     }
                     io.flush().await
                 })
@@ -352,14 +359,14 @@ impl<T: FrameIo> Session<T> {
             } else {
                 tokio::select! {
                     reason = &mut kicked => Event::Kicked(reason),
-                    Some(frame) = self.rx.recv() => Event::Outbound(frame),
+                    () = std::future::poll_fn(|cx| control.poll_queued(cx)) => Event::Outbound,
                     inbound = self.io.next() => Event::Inbound(inbound),
                     _ = &mut tick => Event::Tick,
                 }
             };
             let step = match event {
                 Event::Kicked(code) => Err(Exit::kicked(code)),
-                Event::Outbound(frame) => self.write_batch(frame).await,
+                Event::Outbound => self.flush_with_queued().await,
                 Event::Inbound(item) => self.on_inbound_burst(item).await,
                 Event::Tick => {
                     let now = Instant::now();
@@ -408,7 +415,7 @@ impl<T: FrameIo> Session<T> {
                 None => break,
             }
         }
-        self.flush_with_queued(None).await
+        self.flush_with_queued().await
     }
 
     /// [`on_inbound_burst`](Self::on_inbound_burst) for an app with filters: the burst is
@@ -439,7 +446,7 @@ impl<T: FrameIo> Session<T> {
                 next = self.io.next().now_or_never();
             }
         }
-        self.flush_with_queued(None).await
+        self.flush_with_queued().await
     }
 
     /// Handles what [`on_filtered_burst`](Self::on_filtered_burst) read: the frames in
@@ -622,10 +629,10 @@ impl<T: FrameIo> Session<T> {
             return self.write(ack_frame(client_id, &sent.msg_id, &outcome)).await;
         }
         let (handle, client_id) = (self.handle.clone(), client_id.map(str::to_string));
-        let max_bytes = self.app.registry.max_queued_bytes();
+        let limits = self.app.registry.queue_limits();
         tokio::spawn(async move {
             let outcome = sent.delivery.finish().await;
-            let _ = handle.offer(ack_frame(client_id.as_deref(), &sent.msg_id, &outcome), max_bytes);
+            let _ = handle.offer(&ack_frame(client_id.as_deref(), &sent.msg_id, &outcome), limits);
         });
         Ok(())
     }
@@ -672,34 +679,18 @@ impl<T: FrameIo> Session<T> {
         guarded(&self.control, limit, self.io.send(item)).await
     }
 
-    /// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]) with one flush.
-    async fn write_batch(&mut self, first: Frame) -> Result<(), Exit> {
-        self.flush_with_queued(Some(first)).await
-    }
-
-    /// Flushes the replies written so far together with `first` and the frames queued for
-    /// this session (up to [`MAX_BATCH`] in all): a client that both sends and receives gets
-    /// its acks and the messages waiting for it in one write, not one each.
-    async fn flush_with_queued(&mut self, first: Option<Frame>) -> Result<(), Exit> {
+    /// Flushes the replies written so far together with the frames queued for this session
+    /// (up to [`MAX_BATCH`]): a client that both sends and receives gets its acks and the
+    /// messages waiting for it in one write, not one each.
+    async fn flush_with_queued(&mut self) -> Result<(), Exit> {
         let limit = self.hub.config().limits.write_timeout;
         let control = &*self.control;
-        let rx = &mut self.rx;
+        let taken = &mut self.taken;
         let io = &mut self.io;
         let write = async {
-            let mut fed = 0;
-            if let Some(first) = first {
-                control.dequeued(&first);
-                io.feed(Outbound::Frame(first)).await?;
-                fed = 1;
-            }
-            for _ in fed..MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(frame) => {
-                        control.dequeued(&frame);
-                        io.feed(Outbound::Frame(frame)).await?
-                    }
-                    Err(_) => break,
-                }
+            control.take_queued(MAX_BATCH, taken);
+            for frame in taken.by_ref() {
+                io.feed(Outbound::Frame(frame)).await?;
             }
             io.flush().await
         };
