@@ -29,19 +29,49 @@ pub struct SessionControl {
     queue_waker: AtomicWaker,
 }
 
-/// Frames waiting to be written to one connection. A sender copies a frame's bytes into
-/// one buffer (and drops its own frame on its own thread); the session takes a run of
-/// them at once ([`Taken`]). Before, each frame went through a channel and was freed by the
-/// session's thread: glibc's malloc then locks the arena the frame came from, and the
-/// channel's bookkeeping was atomics the two threads shared (docs/performance.md).
+/// Frames waiting to be written to one connection. A frame for this connection alone is
+/// copied into one buffer (and the sender drops its own frame on its own thread); a frame
+/// for several (a channel's subscribers, a user's devices) is queued by reference, shared
+/// by all of them. The session takes a run of frames at once ([`Taken`]). Before, every
+/// frame went through a channel and was freed by the session's thread: glibc's malloc then
+/// locks the arena the frame came from, and the channel's bookkeeping was atomics the two
+/// threads shared (docs/performance.md).
 #[derive(Debug, Default)]
 struct Queue {
+    /// The bytes of the copied frames, in order.
     text: BytesMut,
-    /// Each queued frame's length in `text`, in order, and whether it is known to hold no
-    /// newline.
-    frames: VecDeque<(usize, bool)>,
+    frames: VecDeque<Queued>,
+    /// Bytes of all the frames waiting, copied or shared.
+    bytes: usize,
     /// The session has ended: nothing more is queued.
     closed: bool,
+}
+
+/// One frame in a [`Queue`].
+#[derive(Debug)]
+enum Queued {
+    /// The next `len` bytes of the queue's `text`; `one_line` as [`Frame::is_one_line`].
+    Copied {
+        len: usize,
+        one_line: bool,
+    },
+    Shared(Frame),
+}
+
+impl Queued {
+    fn len(&self) -> usize {
+        match self {
+            Queued::Copied { len, .. } => *len,
+            Queued::Shared(frame) => frame.len(),
+        }
+    }
+
+    fn copied_len(&self) -> usize {
+        match self {
+            Queued::Copied { len, .. } => *len,
+            Queued::Shared(_) => 0,
+        }
+    }
 }
 
 /// How much one session's queue may hold before its session counts as a slow consumer
@@ -52,9 +82,13 @@ pub struct QueueLimits {
     pub bytes: usize,
 }
 
-/// A queue's buffer past this capacity is not kept once taken: a burst to one connection
-/// does not hold its memory for the rest of the connection's life.
+/// A queue's buffer past this capacity is not kept once a take has emptied the queue: a
+/// burst to one connection does not hold its memory for the rest of the connection's life.
 const KEEP_QUEUE_CAPACITY: usize = 64 * 1024;
+
+/// Frame entries a queue keeps room for once a take has emptied it (more after a burst
+/// are given back).
+const KEEP_QUEUE_FRAMES: usize = 64;
 
 const KICK_REASONS: [ErrorCode; 4] =
     [ErrorCode::SlowConsumer, ErrorCode::ServerShutdown, ErrorCode::Internal, ErrorCode::NodeDraining];
@@ -91,7 +125,7 @@ impl SessionControl {
 
     /// Bytes of frames waiting in the session's queue.
     pub fn queued_bytes(&self) -> usize {
-        self.queue().text.len()
+        self.queue().bytes
     }
 
     /// A panic elsewhere while the lock was held cannot leave the queue half-written: every
@@ -109,12 +143,16 @@ impl SessionControl {
         if q.frames.is_empty() && !q.closed { Poll::Pending } else { Poll::Ready(()) }
     }
 
-    /// Takes up to `max` of the queued frames, oldest first, into `into` (whose frames
-    /// taken before must all have been taken out of it and dropped); returns how many.
-    /// Holds the queue's lock for a few moves: the frames are cut apart after.
+    /// Takes up to `max` of the queued frames, oldest first, into `into`, and returns how
+    /// many frames `into` holds. Frames still in `into` from the take before are written
+    /// first: then nothing new is taken. Holds the queue's lock for a few moves; the frames
+    /// are cut apart after.
     pub fn take_queued(&self, max: usize, into: &mut Taken) -> usize {
-        debug_assert!(into.lens.is_empty(), "frames taken before are still unwritten");
+        if !into.frames.is_empty() {
+            return into.frames.len();
+        }
         into.run = Bytes::new();
+        into.frames.shrink_to(KEEP_QUEUE_FRAMES);
         // The buffer taken last time, whole again now that its frames are gone, is what the
         // senders fill next.
         let spare_ready = into.spare.try_reclaim(into.spare_capacity);
@@ -123,8 +161,10 @@ impl SessionControl {
         if n == 0 {
             return 0;
         }
-        into.lens.extend(q.frames.drain(..n));
+        into.frames.extend(q.frames.drain(..n));
+        q.bytes -= into.frames.iter().map(Queued::len).sum::<usize>();
         if q.frames.is_empty() {
+            q.frames.shrink_to(KEEP_QUEUE_FRAMES);
             let next = if spare_ready { std::mem::take(&mut into.spare) } else { BytesMut::new() };
             let mut full = std::mem::replace(&mut q.text, next);
             drop(q);
@@ -134,7 +174,7 @@ impl SessionControl {
             (into.spare, into.spare_capacity) =
                 if capacity <= KEEP_QUEUE_CAPACITY { (full, capacity) } else { (BytesMut::new(), 0) };
         } else {
-            let len: usize = into.lens.iter().map(|(len, _)| len).sum();
+            let len: usize = into.frames.iter().map(Queued::copied_len).sum();
             into.run = q.text.split_to(len).freeze();
         }
         n
@@ -143,21 +183,19 @@ impl SessionControl {
     /// Ends the queue: what waits in it is dropped, and offers fail from now on.
     fn close_queue(&self) {
         let mut q = self.queue();
-        q.closed = true;
-        q.frames = VecDeque::new();
-        q.text = BytesMut::new();
+        *q = Queue { closed: true, ..Queue::default() };
     }
 }
 
 /// Frames taken from a queue at once ([`SessionControl::take_queued`]), to be written in
 /// order: an iterator of them. The session keeps it, with the buffer it took last: the
 /// senders fill one buffer while the session writes out the other, and the two change
-/// places at each take, so that neither is allocated again.
+/// places at each take that empties the queue, so that neither is allocated again.
 #[derive(Debug, Default)]
 pub struct Taken {
+    /// The bytes of the copied frames among `frames`.
     run: Bytes,
-    /// The lengths of the frames in `run`, in order, and whether each is one line.
-    lens: VecDeque<(usize, bool)>,
+    frames: VecDeque<Queued>,
     /// The buffer `run` was cut from, empty, and its capacity when it was taken.
     spare: BytesMut,
     spare_capacity: usize,
@@ -167,12 +205,17 @@ impl Iterator for Taken {
     type Item = Frame;
 
     fn next(&mut self) -> Option<Frame> {
-        let (len, one_line) = self.lens.pop_front()?;
-        let text = self.run.split_to(len);
-        // SAFETY: `offer` copied these bytes from whole frames, which are UTF-8, and `lens`
-        // holds their lengths, so each piece is one frame's bytes.
-        #[allow(unsafe_code)]
-        Some(unsafe { Frame::from_utf8_unchecked(text, one_line) })
+        match self.frames.pop_front()? {
+            Queued::Shared(frame) => Some(frame),
+            Queued::Copied { len, one_line } => {
+                let text = self.run.split_to(len);
+                // SAFETY: `offer` copied these bytes from whole frames, which are UTF-8, in
+                // the order of `frames`, which holds their lengths: each piece is one
+                // frame's bytes.
+                #[allow(unsafe_code)]
+                Some(unsafe { Frame::from_utf8_unchecked(text, one_line) })
+            }
+        }
     }
 }
 
@@ -210,22 +253,41 @@ pub enum OfferError {
 }
 
 impl SessionHandle {
-    /// Queues a copy of `frame` without waiting; a full queue kicks the session as a slow
-    /// consumer.
+    /// Queues a copy of `frame` without waiting: for a frame this session alone receives.
+    /// A full queue kicks the session as a slow consumer.
     pub fn offer(&self, frame: &Frame, limits: QueueLimits) -> Result<(), OfferError> {
+        self.queue(frame, limits, |q| {
+            q.text.extend_from_slice(frame.as_bytes());
+            Queued::Copied { len: frame.len(), one_line: frame.is_one_line() }
+        })
+    }
+
+    /// Queues `frame` itself, shared with the other sessions it goes to (its bytes are
+    /// not copied per session); otherwise as [`offer`](Self::offer).
+    pub fn offer_shared(&self, frame: &Frame, limits: QueueLimits) -> Result<(), OfferError> {
+        self.queue(frame, limits, |_| Queued::Shared(frame.clone()))
+    }
+
+    fn queue(
+        &self,
+        frame: &Frame,
+        limits: QueueLimits,
+        put: impl FnOnce(&mut Queue) -> Queued,
+    ) -> Result<(), OfferError> {
         let control = &*self.control;
         let mut q = control.queue();
         if q.closed {
             return Err(OfferError::Closed);
         }
-        if q.frames.len() >= limits.frames || q.text.len() + frame.len() > limits.bytes {
+        if q.frames.len() >= limits.frames || q.bytes + frame.len() > limits.bytes {
             drop(q);
             control.kick(ErrorCode::SlowConsumer);
             return Err(OfferError::Full);
         }
         let was_empty = q.frames.is_empty();
-        q.text.extend_from_slice(frame.as_bytes());
-        q.frames.push_back((frame.len(), frame.is_one_line()));
+        let queued = put(&mut q);
+        q.frames.push_back(queued);
+        q.bytes += frame.len();
         drop(q);
         if was_empty {
             control.queue_waker.wake();
@@ -372,11 +434,14 @@ impl Registry {
     }
 }
 
-/// Offers `frame` to each of `sessions`.
+/// Offers `frame` to each of `sessions`: copied into a lone session's queue, shared by
+/// several.
 fn offer_all(sessions: Option<&[SessionHandle]>, frame: &Frame, limits: QueueLimits) -> Delivered {
+    let sessions = sessions.unwrap_or_default();
+    let offer = if sessions.len() == 1 { SessionHandle::offer } else { SessionHandle::offer_shared };
     let mut out = Delivered::default();
-    for s in sessions.unwrap_or_default() {
-        match s.offer(frame, limits) {
+    for s in sessions {
+        match offer(s, frame, limits) {
             Ok(()) => out.sessions += 1,
             Err(OfferError::Full) => out.dropped += 1,
             // The session is on its way out and will unregister itself.
@@ -493,6 +558,7 @@ mod tests {
 
     #[test]
     fn frames_come_out_whole_in_order_and_a_run_at_a_time() {
+        // Copied and shared ones mixed.
         let (a, _qa) = handle(1);
         let limits = QueueLimits { frames: 100, bytes: 1 << 20 };
         // Of different sizes; every other one known to be one line.
@@ -511,8 +577,11 @@ mod tests {
             })
             .collect();
         assert!(frames[1].is_one_line() && !frames[0].is_one_line());
-        for f in &frames {
-            a.offer(f, limits).unwrap();
+        for (i, f) in frames.iter().enumerate() {
+            match i % 3 {
+                0 => a.offer_shared(f, limits).unwrap(),
+                _ => a.offer(f, limits).unwrap(),
+            }
         }
         let mut got = take(&a, 3);
         assert_eq!(got, frames[..3]);
@@ -523,6 +592,48 @@ mod tests {
         assert_eq!(got[10].as_str(), "late");
         assert!(got.iter().zip(&frames).all(|(g, f)| g.is_one_line() == f.is_one_line()));
         assert!(take(&a, 100).is_empty());
+    }
+
+    #[test]
+    fn a_frame_for_one_session_is_copied_and_for_several_shared() {
+        let r = Registry::new(LIMITS);
+        let (a, _qa) = handle(1);
+        let (b, _qb) = handle(2);
+        r.register("alone", a.clone(), 4).unwrap();
+        r.join("room", a.clone());
+        r.join("room", b.clone());
+        let (direct, channel) = (Frame::from("d".repeat(50)), Frame::from("c".repeat(50)));
+        r.deliver("alone", &direct);
+        r.deliver_channel("room", &channel);
+        assert_eq!((a.control.queued_bytes(), b.control.queued_bytes()), (100, 50));
+        let (got_a, got_b) = (take_all(&a), take_all(&b));
+        assert_eq!(got_a, [direct.clone(), channel.clone()]);
+        assert_eq!(got_b, std::slice::from_ref(&channel));
+        let at = |f: &Frame| f.as_bytes().as_ptr();
+        assert_ne!(at(&got_a[0]), at(&direct), "copied");
+        assert_eq!((at(&got_a[1]), at(&got_b[0])), (at(&channel), at(&channel)), "shared");
+        assert_eq!((a.control.queued_bytes(), b.control.queued_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn frames_left_from_a_take_come_out_before_anything_new_is_taken() {
+        let (a, _qa) = handle(1);
+        for text in ["one", "two", "three"] {
+            a.offer(&Frame::from(text.to_string()), LIMITS).unwrap();
+        }
+        let mut taken = Taken::default();
+        assert_eq!(a.control.take_queued(2, &mut taken), 2);
+        assert_eq!(taken.next().unwrap().as_str(), "one");
+        assert_eq!(a.control.take_queued(2, &mut taken), 1, "\"two\" is still to be written");
+        let rest: Vec<_> = std::iter::from_fn(|| {
+            let frame = taken.next();
+            if frame.is_none() && a.control.take_queued(2, &mut taken) != 0 {
+                return taken.next();
+            }
+            frame
+        })
+        .collect();
+        assert_eq!(rest.iter().map(Frame::as_str).collect::<Vec<_>>(), ["two", "three"]);
     }
 
     #[test]
