@@ -524,10 +524,10 @@ impl Hub {
     /// other nodes that hold the target (asking for their counts when `wants_count`).
     async fn deliver(&self, app: &App, target: Target<'_>, frame: Frame, wants_count: bool) -> Delivery {
         debug_assert!(matches!(target, Target::User { app: id, .. } | Target::Channel { app: id, .. } if id == app.id));
-        let Some(cluster) = self.cluster.get() else {
-            return Delivery { local: Self::deliver_in(app, target, &frame), remote: RemoteDelivery::Single };
-        };
         let local = Self::deliver_in(app, target, &frame);
+        let Some(cluster) = self.cluster.get() else {
+            return Delivery { local, remote: RemoteDelivery::Single };
+        };
         let remote = match wants_count {
             false => match cluster.publish_unanswered(target, &frame).await {
                 true => RemoteDelivery::Unanswered,

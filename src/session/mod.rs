@@ -296,12 +296,10 @@ impl<T: FrameIo> Session<T> {
                 let control = &self.control;
                 let taken = &mut self.taken;
                 let _ = timeout(CLOSE_TIMEOUT, async {
-                    loop {
+                    // A take first hands back what a cut-off write left in `taken`.
+                    while control.take_queued(usize::MAX, taken) != 0 {
                         for frame in taken.by_ref() {
                             io.feed(Outbound::Frame(frame)).await?;
-                        }
-                        if control.take_queued(usize::MAX, taken) == 0 {
-                            break;
                         }
                     }
                     io.flush().await
